@@ -1,0 +1,206 @@
+"""The registry of backbones: ``@register`` and the look-ups.
+
+Every network module in ``vertebra.backbones`` registers each of its variants with
+``@register(name, family=..., paper=..., ...)`` on a builder function. The paper facts
+(parameter counts, GMACs, errors, the torchvision/timm twin) come from
+``reference/architectures.tsv``; a module states what the table does not know.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .reference import facts_for
+
+__all__ = ["BackboneSpec", "register", "list_backbones", "backbone_spec", "get_builder", "create_backbone"]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What the paper says about one registered network; building it needs no weights."""
+
+    name: str
+    family: str
+    paper: str
+    year: int | None
+    arxiv: str | None
+    dataset: str  # "imagenet" | "cifar10" | "cifar100" | "mnist"
+    input_size: tuple[int, int, int]
+    num_classes: int
+    paper_params_m: float | None
+    paper_gmacs: float | None
+    paper_top1_err: float | None
+    reference: str | None  # "torchvision:resnet50", "timm:inception_v3" or None
+    # beyond the contract: what the tests and the CLI need
+    params_tol_pct: float = 2.0
+    paper_top5_err: float | None = None
+    paper_cifar_err: str | None = None
+    source: str = ""
+    min_input_size: int = 32
+    defaults: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def reference_source(self) -> str | None:
+        return self.reference.split(":", 1)[0] if self.reference else None
+
+    @property
+    def reference_name(self) -> str | None:
+        return self.reference.split(":", 1)[1] if self.reference else None
+
+
+_REGISTRY: dict[str, tuple[BackboneSpec, Callable]] = {}
+_LOADED = False
+
+_DATASET_CLASSES = {"imagenet": 1000, "cifar10": 10, "cifar100": 100, "mnist": 10}
+
+
+def _float(s: str) -> float | None:
+    s = (s or "").strip()
+    return float(s) if s else None
+
+
+def register(
+    name: str,
+    *,
+    family: str,
+    paper: str,
+    year: int | None = None,
+    arxiv: str | None = None,
+    dataset: str | None = None,
+    input_size: tuple[int, int, int] | None = None,
+    min_input_size: int = 32,
+    **defaults,
+):
+    """Register a builder under ``name``; the facts table fills in the paper's figures.
+
+    ``defaults`` are architecture keyword arguments that make this variant what it is
+    (depth, width, ...); they are passed to the builder and may be overridden by a caller.
+    """
+
+    def deco(fn: Callable) -> Callable:
+        if name in _REGISTRY:
+            raise ValueError(f"backbone {name!r} is registered twice")
+        row = facts_for(name)
+        ds = dataset or row.get("dataset") or "imagenet"
+        if input_size is not None:
+            size = tuple(input_size)
+        elif row.get("input_size"):
+            size = tuple(int(v) for v in row["input_size"].split("x"))
+        else:
+            size = (3, 224, 224)
+        twin = (row.get("twin") or "").strip() or None
+        if twin and "@" in twin:
+            twin = twin.split("@", 1)[0]
+        spec = BackboneSpec(
+            name=name,
+            family=row.get("family") or family,
+            paper=row.get("paper") or paper,
+            year=int(row["year"]) if row.get("year") else year,
+            arxiv=(row.get("arxiv") if row.get("arxiv") not in (None, "", "none") else arxiv),
+            dataset=ds,
+            input_size=size,
+            num_classes=_DATASET_CLASSES[ds],
+            paper_params_m=_float(row.get("params_m", "")),
+            paper_gmacs=_float(row.get("paper_gmacs", "")),
+            paper_top1_err=_float(row.get("paper_top1_err", "")),
+            reference=twin,
+            params_tol_pct=_float(row.get("tol_pct", "")) or 2.0,
+            paper_top5_err=_float(row.get("paper_top5_err", "")),
+            paper_cifar_err=(row.get("paper_cifar_err") or None),
+            source=row.get("source", ""),
+            min_input_size=min_input_size,
+            defaults=dict(defaults),
+        )
+        _REGISTRY[name] = (spec, fn)
+        return fn
+
+    return deco
+
+
+def _load_all() -> None:
+    global _LOADED
+    if _LOADED:
+        return
+    from . import backbones
+
+    for mod in pkgutil.walk_packages(backbones.__path__, backbones.__name__ + "."):
+        importlib.import_module(mod.name)
+    _LOADED = True
+
+
+def _lookup(name: str) -> tuple[BackboneSpec, Callable]:
+    _load_all()
+    if not isinstance(name, str) or name not in _REGISTRY:
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=5, cutoff=0.5)
+        hint = f"; closest: {', '.join(close)}" if close else ""
+        raise KeyError(f"unknown backbone {name!r}{hint} (vertebra.list_backbones() lists all {len(_REGISTRY)})")
+    return _REGISTRY[name]
+
+
+def list_backbones(family: str | None = None) -> list[str]:
+    """Sorted registry names, optionally of one family (case-insensitive)."""
+    _load_all()
+    if family is None:
+        return sorted(_REGISTRY)
+    fam = family.lower()
+    names = sorted(n for n, (s, _) in _REGISTRY.items() if s.family.lower() == fam)
+    if not names:
+        fams = sorted({s.family for s, _ in _REGISTRY.values()})
+        raise KeyError(f"unknown family {family!r}; families: {', '.join(fams)}")
+    return names
+
+
+def list_families() -> list[str]:
+    _load_all()
+    return sorted({s.family for s, _ in _REGISTRY.values()})
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    return _lookup(name)[0]
+
+
+def get_builder(name: str) -> Callable:
+    return _lookup(name)[1]
+
+
+def create_backbone(
+    name: str,
+    *,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+    features_only: bool = False,
+    out_strides=None,
+    drop_path_rate: float | None = None,
+    weights=None,
+    **arch_kwargs,
+):
+    """Build a registered network.
+
+    ``num_classes`` defaults to the paper's dataset (1000 for ImageNet, 10 for CIFAR-10 and
+    MNIST); ``in_chans`` to the paper's input channels. ``weights`` is a path to a checkpoint:
+    vertebra's own, or a torchvision/timm state_dict of the network's twin.
+    ``drop_path_rate`` (stochastic depth, the paper's linear rule) defaults to 0, except for
+    the stochastic-depth presets (``resnet110_sd``, ``resnet152_sd``: 0.5, i.e. p_L = 0.5).
+    """
+    spec, builder = _lookup(name)
+    kwargs = dict(spec.defaults)
+    kwargs.update(arch_kwargs)
+    preset_rate = kwargs.pop("drop_path_rate", 0.0)
+    model = builder(
+        num_classes=spec.num_classes if num_classes is None else num_classes,
+        in_chans=spec.input_size[0] if in_chans is None else in_chans,
+        drop_path_rate=preset_rate if drop_path_rate is None else drop_path_rate,
+        **kwargs,
+    )
+    model.spec = spec
+    model.min_input_size = max(model.min_input_size, spec.min_input_size)
+    model.configure_outputs(features_only=features_only, out_strides=out_strides)
+    if weights is not None:
+        from .weights import load_weights
+
+        load_weights(model, weights)
+    return model

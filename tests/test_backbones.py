@@ -1,0 +1,168 @@
+"""One parametrized test over the whole registry: every network honours the contract and
+matches its paper's parameter count and, where one exists, its torchvision/timm twin."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import vertebra
+from vertebra.backbone import count_params
+from vertebra.reference.twins import build_twin, has_timm
+from vertebra.weights import StateDictMismatch
+
+ALL = vertebra.list_backbones()
+TWINNED = [n for n in ALL if vertebra.backbone_spec(n).reference]
+
+
+def small_size(model) -> int:
+    return max(model.min_input_size, 64)
+
+
+def build(name: str, **kw):
+    torch.manual_seed(0)
+    return vertebra.create_backbone(name, **kw)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_contract(name):
+    """Logits of the right shape; features match feature_info; backward reaches every parameter."""
+    spec = vertebra.backbone_spec(name)
+    model = build(name, num_classes=7)
+    s = small_size(model)
+    x = torch.randn(2, spec.input_size[0], s, s)
+    model.train()
+    out = model(x)
+    logits = out[0] if isinstance(out, tuple) else out
+    assert logits.shape == (2, 7)
+    loss = sum(o.float().square().mean() for o in (out if isinstance(out, tuple) else (out,)))
+    loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not no_grad, f"parameters without gradient: {no_grad[:10]}"
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p.grad).all()]
+    assert not bad, f"non-finite gradients: {bad[:10]}"
+
+    model.eval()
+    with torch.no_grad():
+        assert model(x).shape == (2, 7), "eval mode returns the logits alone"
+        feats = model.forward_features(x)
+    info = model.feature_info
+    assert len(feats) == len(info) >= 1
+    assert [f.shape[1] for f in feats] == [i.channels for i in info]
+    assert all(b.stride > a.stride for a, b in zip(info, info[1:]))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_strides_at_paper_size(name):
+    """At the paper's input size the spatial sizes follow the declared strides (built on meta)."""
+    spec = vertebra.backbone_spec(name)
+    with torch.device("meta"):
+        model = vertebra.create_backbone(name, features_only=True).eval()
+        c, h, w = spec.input_size
+        feats = model(torch.empty(1, c, h, w))
+    for f, info in zip(feats, model.feature_info):
+        fh = f.shape[-2]
+        # valid-padding stems lose a few pixels; a wrong stride is off by 2x
+        assert 0.85 * h / info.stride - 1 <= fh <= math.ceil(h / info.stride), (info, tuple(f.shape))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_params_match_paper(name):
+    spec = vertebra.backbone_spec(name)
+    if spec.paper_params_m is None:
+        pytest.skip(f"no parameter figure for {name} in the facts table ({spec.source or 'none'})")
+    with torch.device("meta"):
+        n = count_params(vertebra.create_backbone(name))
+    dev = 100 * (n / 1e6 - spec.paper_params_m) / spec.paper_params_m
+    assert abs(dev) <= spec.params_tol_pct, f"{n / 1e6:.6f}M vs paper {spec.paper_params_m}M ({dev:+.2f}%)"
+
+
+@pytest.mark.parametrize("name", TWINNED)
+def test_twin_equal(name):
+    spec = vertebra.backbone_spec(name)
+    if spec.reference_source == "timm" and not has_timm():
+        pytest.skip("timm is not installed")
+    torch.manual_seed(1)
+    twin = build_twin(spec.reference).eval()
+    model = build(name).eval()
+    assert count_params(model) == count_params(twin)
+    vertebra.load_reference_weights(model, twin.state_dict(), source=spec.reference_source)
+    s = max(model.min_input_size, 64)
+    x = torch.randn(2, spec.input_size[0], s, s)
+    with torch.no_grad():
+        ref = twin(x)
+        ours = model(x)
+        scale = ref.abs().max().clamp_min(1e-6)
+        assert (ours - ref).abs().max() <= 1e-5 * scale
+        # the features_only model loads the same state_dict (its head keys are dropped)
+        fo = build(name, features_only=True).eval()
+        vertebra.load_reference_weights(fo, twin.state_dict(), source=spec.reference_source)
+        for a, b in zip(fo(x), model.forward_features(x)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+
+def test_unknown_name_lists_closest():
+    with pytest.raises(KeyError, match="resnet50"):
+        vertebra.create_backbone("resnet51")
+    with pytest.raises(KeyError, match="closest"):
+        vertebra.backbone_spec("resnt18")
+
+
+def test_input_below_minimum_names_size():
+    model = vertebra.create_backbone("resnet18").eval()
+    m = model.min_input_size
+    with pytest.raises(ValueError, match=f"at least {m}x{m}"):
+        model(torch.randn(1, 3, m - 1, m - 1))
+
+
+def test_unknown_stride_lists_strides():
+    with pytest.raises(ValueError, match="its strides are 2, 4, 8, 16, 32"):
+        vertebra.create_backbone("resnet18", features_only=True, out_strides=(64,))
+
+
+def test_out_strides_select_stages():
+    model = vertebra.create_backbone("resnet18", features_only=True, out_strides=(32, 8)).eval()
+    feats = model(torch.randn(1, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == [128, 512]
+    assert [i.stride for i in model.out_feature_info] == [8, 32]
+    assert model.head is None
+
+
+def test_partial_state_dict_fails_listing_keys():
+    import torchvision
+
+    sd = torchvision.models.resnet18().state_dict()
+    del sd["layer1.0.conv1.weight"]
+    sd["extra.weight"] = torch.zeros(1)
+    model = vertebra.create_backbone("resnet18")
+    with pytest.raises(StateDictMismatch) as e:
+        vertebra.load_reference_weights(model, sd, source="torchvision")
+    assert "layer1.0.conv1.conv.weight" in str(e.value) and "extra.weight" in str(e.value)
+    with pytest.raises(StateDictMismatch, match="96 unexpected keys"):
+        vertebra.load_reference_weights(model, torchvision.models.resnet34().state_dict(), source="torchvision")
+
+
+def test_weights_argument_loads_own_and_twin_checkpoints(tmp_path):
+    import torchvision
+    from safetensors.torch import save_file
+
+    tv = torchvision.models.resnet18().eval()
+    torch.save(tv.state_dict(), tmp_path / "tv.pth")
+    model = vertebra.create_backbone("resnet18", weights=tmp_path / "tv.pth").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), tv(x))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "own.safetensors"))
+    again = vertebra.create_backbone("resnet18", weights=tmp_path / "own.safetensors").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x))
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        vertebra.create_backbone("resnet18", weights=tmp_path / "missing.pth")
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="bad.pth"):
+        vertebra.create_backbone("resnet18", weights=tmp_path / "bad.pth")

@@ -58,7 +58,15 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
+        if self.fused_tail:
+            return self.conv2.conv.add_relu(self.conv1(x), shortcut)
         return self.act(self.drop_path(self.conv2(self.conv1(x))) + shortcut)
+
+    fused_tail = False
+
+    def fuse_for_inference(self) -> None:
+        """Inference only: conv2 + residual add + ReLU as one kernel (see layers.fused)."""
+        self.fused_tail = hasattr(self.conv2.conv, "add_relu")
 
 
 class Bottleneck(nn.Module):
@@ -80,8 +88,16 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
+        if self.fused_tail:
+            return self.conv3.conv.add_relu(self.conv2(self.conv1(x)), shortcut)
         out = self.conv3(self.conv2(self.conv1(x)))
         return self.act(self.drop_path(out) + shortcut)
+
+    fused_tail = False
+
+    def fuse_for_inference(self) -> None:
+        """Inference only: conv3 + residual add + ReLU as one kernel (see layers.fused)."""
+        self.fused_tail = hasattr(self.conv3.conv, "add_relu")
 
 
 class ResNet(Backbone):

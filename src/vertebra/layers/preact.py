@@ -16,10 +16,12 @@ from .drop_path import DropPath
 class PreActBasic(nn.Module):
     expansion = 1
 
-    def __init__(self, in_ch: int, width: int, stride: int = 1, drop_rate: float = 0.0, drop_path: float = 0.0):
+    def __init__(self, in_ch: int, width: int, stride: int = 1, drop_rate: float = 0.0, drop_path: float = 0.0,
+                 preact: bool = True):
         super().__init__()
         out_ch = width * self.expansion
-        self.bn1 = nn.BatchNorm2d(in_ch)
+        # preact=False: the input is already BN-ReLU'd (the unit after the stem, He et al. Sec. 4.1)
+        self.bn1 = nn.BatchNorm2d(in_ch) if preact else None
         self.conv1 = nn.Conv2d(in_ch, width, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
         self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
@@ -31,7 +33,7 @@ class PreActBasic(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
-        pre = self.act(self.bn1(x))
+        pre = x if self.bn1 is None else self.act(self.bn1(x))
         sc = x if self.shortcut is None else self.shortcut(pre)
         out = self.conv1(pre)
         out = self.conv2(self.drop(self.act(self.bn2(out))))
@@ -41,13 +43,15 @@ class PreActBasic(nn.Module):
 class PreActBottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, in_ch: int, width: int, stride: int = 1, drop_rate: float = 0.0, drop_path: float = 0.0):
+    def __init__(self, in_ch: int, width: int, stride: int = 1, drop_rate: float = 0.0, drop_path: float = 0.0,
+                 preact: bool = True, stride_in_1x1: bool = False):
         super().__init__()
         out_ch = width * self.expansion
-        self.bn1 = nn.BatchNorm2d(in_ch)
-        self.conv1 = nn.Conv2d(in_ch, width, 1, bias=False)
+        s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.bn1 = nn.BatchNorm2d(in_ch) if preact else None
+        self.conv1 = nn.Conv2d(in_ch, width, 1, s1, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.conv2 = nn.Conv2d(width, width, 3, s3, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(width)
         self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
@@ -58,7 +62,7 @@ class PreActBottleneck(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
-        pre = self.act(self.bn1(x))
+        pre = x if self.bn1 is None else self.act(self.bn1(x))
         sc = x if self.shortcut is None else self.shortcut(pre)
         out = self.conv1(pre)
         out = self.conv2(self.act(self.bn2(out)))

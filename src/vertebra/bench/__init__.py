@@ -1,0 +1,1 @@
+"""Benchmarking: ``measure`` (params, MACs, latency, memory) and ``report`` (tables, plots, HTML)."""

@@ -87,6 +87,103 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import time
+    from pathlib import Path
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .bench.measure import BenchConfig, check_config, machine_info, peak_gmacs_per_s
+    from .bench.report import write_report
+    from .bench.runner import base_row, default_out_dir, headline_names, peers_of, run_isolated, validate_names
+    from .reference.twins import has_timm
+    from .registry import list_backbones
+
+    device = args.device
+    cfg = BenchConfig(input=args.input, batch=args.batch or (8 if device.startswith("cuda") else 4), device=device,
+                      dtype=args.dtype, channels_last=args.channels_last, compile=args.compile, task=args.task,
+                      det_size=args.det_size, eager=args.eager, train=not args.no_train, runs=args.runs)
+    check_config(cfg)
+    if args.names:
+        names = list(dict.fromkeys(args.names))
+    elif args.family:
+        names = list_backbones(args.family)
+    else:
+        names = headline_names()
+    validate_names(names, cfg)
+    notes = []
+    if args.compare and cfg.task == "det":
+        raise ValueError("--compare measures classification twins; use it with --task cls")
+    if args.compare and not has_timm():
+        msg = "timm is not installed: the timm twins are left out of the comparison (pip install timm)"
+        err_console.print(f"[yellow]{msg}[/]")
+        notes.append(msg)
+    out_dir = Path(args.out) if args.out else default_out_dir()
+    machine = machine_info(device)
+    console.print(f"measuring the machine's ceiling ({device}, {cfg.dtype} matmul) ...")
+    peak = peak_gmacs_per_s(device, cfg.dtype)
+    notes.append(f"machine ceiling: {peak:.1f} GMAC/s ({cfg.dtype} square matmul on {device})")
+    jobs = [(n, "vertebra") for n in names]
+    if args.compare:
+        jobs = [(n, lib) for n in names for lib in ["vertebra", *peers_of(n)]]
+    rows: list[dict] = []
+    t0 = time.monotonic()
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("bench", total=len(jobs))
+        for name, lib in jobs:
+            progress.update(task, description=f"{name} ({lib})")
+            row = base_row(name, lib, cfg, machine)
+            status, payload = run_isolated(name, lib, cfg, timeout=args.timeout, threads=args.threads)
+            if status == "ok":
+                row.update(payload, status="ok")
+                ach = row.get("achieved_gmacs_per_s")
+                row["peak_fraction"] = ach / peak if ach and peak else ""
+            else:
+                row.update(status="error", error=payload)
+                progress.console.print(f"[red]{name} ({lib}) failed:[/] {payload.splitlines()[0]}")
+            rows.append(row)
+            progress.advance(task)
+    for r in rows:
+        if r["library"] != "vertebra" or r["status"] != "ok":
+            continue
+        peers = [p for p in rows if p["name"] == r["name"] and p["library"] != "vertebra" and p["status"] == "ok"]
+        if peers:
+            best = max(peers, key=lambda p: p["throughput_ips"])
+            r["ratio_vs_peer"] = r["throughput_ips"] / best["throughput_ips"]
+            r["peer"] = best["library"]
+    config = {"names": " ".join(names), "input": cfg.input or "paper", "batch": cfg.batch, "device": device,
+              "dtype": cfg.dtype, "layout": "channels_last" if cfg.channels_last else "NCHW", "compile": cfg.compile,
+              "task": cfg.task, "compare": args.compare, "wall_seconds": round(time.monotonic() - t0, 1)}
+    table = Table(title=f"vertebra bench ({device}, {cfg.dtype}, batch {cfg.batch})", header_style="bold")
+    cols = [("name", "network"), ("library", "lib"), ("input", "input"), ("params_m", "params M"),
+            ("gmacs", "GMACs"), ("latency_ms", "lat ms"), ("throughput_ips", "img/s"), ("train_ips", "train img/s"),
+            ("peak_mem_mb", "mem MB"), ("peak_fraction", "of peak"), ("ratio_vs_peer", "vs peer")]
+    for _, title in cols:
+        table.add_column(title, justify="left" if title in ("network", "lib") else "right")
+    for r in rows:
+        if r["status"] != "ok":
+            table.add_row(r["name"], r["library"], "[red]failed[/]", *[""] * (len(cols) - 3))
+            continue
+        cells = []
+        for key, _ in cols:
+            v = r.get(key, "")
+            if key == "peak_fraction" and v != "":
+                cells.append(f"{100 * v:.1f}%")
+            elif key == "ratio_vs_peer" and v != "":
+                cells.append(f"{v:.2f}x")
+            elif isinstance(v, float):
+                cells.append(f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}")
+            else:
+                cells.append(str(v))
+        table.add_row(*cells)
+    console.print(table)
+    page = write_report(out_dir, rows, machine, config, notes)
+    console.print(f"{len(rows)} measurements in {config['wall_seconds']} s; report: [bold]{page.resolve()}[/]")
+    ok = sum(r["status"] == "ok" for r in rows)
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vertebra", description="The classic CNN backbones of object detection.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -99,6 +196,32 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name")
     sp.add_argument("--input", type=int, help="square input size (default: the paper's)")
     sp.set_defaults(fn=cmd_info)
+
+    sp = sub.add_parser("bench", help="measure backbones side by side: table, CSV/JSON, plots, HTML report")
+    sp.add_argument("names", nargs="*", help="networks (default: one headline variant of each survey network)")
+    sp.add_argument("--family", help="every network of one family")
+    sp.add_argument("--input", type=int, help="square input size (default: each network's paper input)")
+    sp.add_argument("--batch", type=int, help="batch for throughput and the training step (default 4 CPU, 8 CUDA)")
+    sp.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    sp.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    sp.add_argument("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction, default=True,
+                    help="channels_last memory format (default on)")
+    sp.add_argument("--compile", action="store_true", help="torch.compile each model")
+    sp.add_argument("--task", default="cls", choices=["cls", "det"], help="cls: the backbone; det: inside RetinaNet")
+    sp.add_argument("--det-size", type=int, default=512, help="detection input size (--task det)")
+    sp.add_argument("--compare", action="store_true", help="also measure the torchvision/timm twins, with a ratio")
+    sp.add_argument("--eager", action="store_true", help="vertebra without its inference path (no BN folding)")
+    sp.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
+    sp.add_argument("--runs", type=int, default=3, help="timed runs per measurement (after warm-up)")
+    sp.add_argument("--threads", type=int, help="torch threads in each measuring process")
+    sp.add_argument("--timeout", type=float, default=900, help="seconds before one network's measurement is abandoned")
+    sp.add_argument("--out", help="output folder (default reports/bench-DATE-TIME)")
+    sp.set_defaults(fn=cmd_bench)
+
+    from .data.shapes import add_shapes_parser
+
+    sp = sub.add_parser("data", help="data sets: write the built-in shapes set")
+    add_shapes_parser(sp.add_subparsers(dest="data_command", required=True))
     return p
 
 
@@ -106,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.fn(args) or 0)
+        fn = getattr(args, "fn", None) or args.func
+        return int(fn(args) or 0)
     except (KeyError, ValueError, FileNotFoundError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         err_console.print(f"[bold red]error:[/] {msg}")

@@ -146,3 +146,210 @@ def fresh_memory(device):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     yield
+
+
+# -- one network, end to end ---------------------------------------------------------------
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class BenchConfig:
+    """What to measure and how. ``input`` None: each network's paper input size."""
+
+    input: int | None = None
+    batch: int = 8
+    device: str = "cpu"
+    dtype: str = "fp32"
+    channels_last: bool = True
+    compile: bool = False
+    task: str = "cls"  # "cls" | "det"
+    det_size: int = 512
+    eager: bool = False  # vertebra without its inference path (no BN folding / fusion)
+    train: bool = True
+    warmup: int = 1
+    runs: int = 3
+    min_seconds: float = 1.0
+
+
+def check_config(cfg: BenchConfig) -> None:
+    """Fail early, and clearly, on a device or dtype this machine cannot run."""
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {cfg.dtype!r}: choose one of {', '.join(DTYPES)}")
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {cfg.device!r} is not available: torch sees no CUDA GPU on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {cfg.device!r} is not supported: use cpu or cuda[:N]")
+    if dev.type == "cpu" and cfg.dtype == "fp16":
+        raise ValueError("fp16 is for CUDA; on CPU use fp32 or bf16 (autocast)")
+    if cfg.task not in ("cls", "det"):
+        raise ValueError(f"--task must be cls or det, got {cfg.task!r}")
+    if cfg.batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {cfg.batch}")
+
+
+def machine_info(device: str = "cpu") -> dict:
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(torch.device(device)) if torch.device(device).type == "cuda" else "",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "",
+        "python": platform.python_version(),
+    }
+    try:
+        import torchvision
+
+        info["torchvision"] = torchvision.__version__
+    except ImportError:
+        info["torchvision"] = ""
+    return info
+
+
+def peak_gmacs_per_s(device: str = "cpu", dtype: str = "fp32", n: int | None = None) -> float:
+    """The machine's ceiling: GMAC/s of a large square matmul on this device and dtype."""
+    dev = torch.device(device)
+    n = n or (8192 if dev.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=dev, dtype=DTYPES[dtype])
+    b = torch.randn(n, n, device=dev, dtype=DTYPES[dtype])
+    t = time_fn(lambda: a @ b, device=device, warmup=2, runs=5)
+    return n**3 / (t.median_ms / 1000.0) / 1e9
+
+
+def _autocast(cfg: BenchConfig):
+    if cfg.dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(cfg.device).type, dtype=DTYPES[cfg.dtype])
+
+
+def _prepare(model: nn.Module, cfg: BenchConfig, optimize: bool) -> nn.Module:
+    from ..inference import optimize_for_inference
+
+    model = model.to(cfg.device).eval()
+    if optimize:
+        fuse = torch.device(cfg.device).type == "cpu" and cfg.dtype == "fp32"
+        return optimize_for_inference(model, channels_last=cfg.channels_last, fuse=fuse, compile=cfg.compile,
+                                      inplace=True)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if cfg.compile else model
+
+
+def _input(batch: int, size: tuple[int, int, int], cfg: BenchConfig) -> torch.Tensor:
+    x = torch.randn(batch, *size, device=cfg.device)
+    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
+
+
+def measure_model(build, size: tuple[int, int, int], cfg: BenchConfig, optimize: bool) -> dict:
+    """Latency (batch 1), throughput (batch N), one training step and peak memory of the model
+    ``build()`` returns (a fresh model each call, on CPU, in train mode)."""
+    row: dict = {}
+    model = build()
+    row["params_m"] = count_params(model) / 1e6
+    with torch.device("meta"):
+        meta_model = build()
+    macs = count_macs(meta_model, size)
+    row["gmacs"] = macs.gmacs
+    row["unsupported_ops"] = " ".join(macs.unsupported)
+    del meta_model
+
+    dev = torch.device(cfg.device)
+    with fresh_memory(cfg.device):
+        if cfg.train:
+            tmodel = model.to(cfg.device).train()
+            if cfg.channels_last:
+                tmodel = tmodel.to(memory_format=torch.channels_last)
+            opt = torch.optim.SGD(tmodel.parameters(), lr=1e-3, momentum=0.9)
+            xb = _input(cfg.batch, size, cfg)
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                with _autocast(cfg):
+                    out = tmodel(xb)
+                    out = out[0] if isinstance(out, tuple) else out
+                    loss = out.float().logsumexp(1).mean()
+                loss.backward()
+                opt.step()
+
+            t = time_fn(step, device=cfg.device, warmup=cfg.warmup, runs=max(2, cfg.runs - 1))
+            row["train_ips"] = cfg.batch / (t.median_ms / 1000)
+            del opt, xb
+        imodel = _prepare(model, cfg, optimize)
+        x1 = _input(1, size, cfg)
+        xb = _input(cfg.batch, size, cfg)
+        with torch.inference_mode(), _autocast(cfg):
+            lat = time_fn(lambda: imodel(x1), device=cfg.device, warmup=cfg.warmup, runs=cfg.runs,
+                          min_seconds=cfg.min_seconds)
+            thr = time_fn(lambda: imodel(xb), device=cfg.device, warmup=cfg.warmup, runs=cfg.runs,
+                          min_seconds=cfg.min_seconds)
+        row["latency_ms"] = lat.median_ms
+        row["latency_p90_ms"] = lat.p90_ms
+        row["throughput_ips"] = cfg.batch / (thr.median_ms / 1000)
+        if dev.type == "cuda":
+            row["peak_mem_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    row["achieved_gmacs_per_s"] = row["gmacs"] * row["throughput_ips"]
+    return row
+
+
+def measure_detector(name: str, cfg: BenchConfig, num_classes: int = 80) -> dict:
+    """The backbone inside RetinaNet at ``cfg.det_size``: the network (preprocessed batch in,
+    head outputs out) and the postprocessing (decoding, top-k, NMS) timed separately.
+
+    The score threshold is 0, so every image sends its top-k candidates per level through NMS:
+    the postprocessing figure is the worst case, not that of a confident trained model."""
+    from ..detection import create_detector
+
+    size = cfg.det_size
+
+    def build():
+        return create_detector("retinanet", backbone=name, num_classes=num_classes, min_size=size, max_size=size,
+                               score_thresh=0.0)
+
+    model = build().to(cfg.device).eval()
+    row = {"params_m": count_params(model) / 1e6}
+    with torch.device("meta"):
+        meta = build().eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        meta.net(torch.empty(1, 3, size, size))
+    row["gmacs"] = counter.get_total_flops() / 2e9
+    if hasattr(model, "fuse") and not cfg.eager:
+        model.fuse()
+    if cfg.channels_last and hasattr(model, "channels_last"):
+        model.channels_last(True)
+    images = torch.rand(cfg.batch, 3, size, size, device=cfg.device)
+    with fresh_memory(cfg.device), torch.inference_mode(), _autocast(cfg):
+        batch, _ = model.transform(images)
+        x = batch.tensor
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x1 = x[:1]
+        lat = time_fn(lambda: model.net(x1), device=cfg.device, warmup=cfg.warmup, runs=cfg.runs,
+                      min_seconds=cfg.min_seconds)
+        thr = time_fn(lambda: model.net(x), device=cfg.device, warmup=cfg.warmup, runs=cfg.runs,
+                      min_seconds=cfg.min_seconds)
+        levels = model.net.pyramid(x)
+        cls_logits, bbox_regression = model.net.head(levels)
+        anchors, per_level = model.anchors_for(x, levels)
+        post = time_fn(lambda: model.postprocess(cls_logits.float(), bbox_regression.float(), anchors, per_level,
+                                                 batch.image_sizes), device=cfg.device, warmup=1, runs=cfg.runs)
+    row.update(latency_ms=lat.median_ms, latency_p90_ms=lat.p90_ms, throughput_ips=cfg.batch / (thr.median_ms / 1000),
+               postprocess_ms=post.median_ms / cfg.batch)
+    if torch.device(cfg.device).type == "cuda":
+        row["peak_mem_mb"] = torch.cuda.max_memory_allocated(torch.device(cfg.device)) / 2**20
+    row["achieved_gmacs_per_s"] = row["gmacs"] * row["throughput_ips"]
+    return row

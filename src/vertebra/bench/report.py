@@ -1,0 +1,250 @@
+"""The benchmark's outputs: CSV, JSON, plots and one self-contained HTML report.
+
+Every file is written to a temporary name beside its target and renamed into place, so a
+run that is interrupted never leaves a half-written report.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import csv
+import functools
+import html
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from .runner import ROW_COLUMNS
+
+__all__ = ["write_report", "atomic_write_bytes", "atomic_write_text", "plot_paper_chart"]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def _num(v) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def rows_to_csv(rows: Sequence[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=ROW_COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in ROW_COLUMNS})
+    return buf.getvalue()
+
+
+# -- plots ---------------------------------------------------------------------------------
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _figure().close(fig)
+    return buf.getvalue()
+
+
+def paper_chart_points() -> list[dict]:
+    """Every registered network with a paper top-1 error: its GMACs and parameters counted here
+    at the paper's input size (built on meta; computed once per process)."""
+    return [dict(p) for p in _paper_chart_points()]
+
+
+@functools.lru_cache(maxsize=1)
+def _paper_chart_points() -> tuple[dict, ...]:
+    import torch
+
+    from ..registry import backbone_spec, create_backbone, list_backbones
+    from .measure import count_macs, count_params
+
+    pts = []
+    for name in list_backbones():
+        spec = backbone_spec(name)
+        if spec.paper_top1_err is None or spec.dataset != "imagenet":
+            continue
+        try:
+            with torch.device("meta"):
+                model = create_backbone(name)
+            pts.append({"name": name, "family": spec.family, "top1_err": spec.paper_top1_err,
+                        "gmacs": count_macs(model, spec.input_size).gmacs, "params_m": count_params(model) / 1e6})
+        except Exception:  # a network that does not build has no point on the chart
+            continue
+    return tuple(pts)
+
+
+def plot_paper_chart(points: list[dict]) -> bytes:
+    """The survey's classic chart: paper top-1 error against GMACs, marker area ~ parameters."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(10, 6.5))
+    fams = sorted({p["family"] for p in points})
+    cmap = plt.get_cmap("tab20")
+    for i, fam in enumerate(fams):
+        ps = [p for p in points if p["family"] == fam]
+        ax.scatter([p["gmacs"] for p in ps], [p["top1_err"] for p in ps], s=[max(12, 4 * p["params_m"]) for p in ps],
+                   alpha=0.6, color=cmap(i % 20), label=fam, edgecolors="black", linewidths=0.5)
+        for p in ps:
+            ax.annotate(p["name"], (p["gmacs"], p["top1_err"]), fontsize=6.5, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("GMACs at the paper's input size (counted by vertebra)")
+    ax.set_ylabel("ImageNet top-1 error (%, as the paper reports it)")
+    ax.set_title("Paper top-1 error vs compute (marker area ~ parameters)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="upper right", markerscale=0.5)
+    return _png(fig)
+
+
+def plot_latency(rows: list[dict]) -> bytes | None:
+    ours = [r for r in rows if r.get("library") == "vertebra" and r.get("status") == "ok"
+            and _num(r.get("latency_ms")) and _num(r.get("gmacs"))]
+    if not ours:
+        return None
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(9, 6))
+    ax.scatter([r["gmacs"] for r in ours], [r["latency_ms"] for r in ours],
+               s=[max(12, 3 * (_num(r.get("params_m")) or 1)) for r in ours], alpha=0.6, edgecolors="black",
+               linewidths=0.5)
+    for r in ours:
+        ax.annotate(r["name"], (r["gmacs"], r["latency_ms"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    r0 = ours[0]
+    ax.set_xlabel(f"GMACs at the measured input ({r0['task']})")
+    ax.set_ylabel("latency at batch 1, median (ms)")
+    ax.set_title(f"Measured latency vs compute — {r0['device']}, {r0['dtype']}, {r0['layout']}")
+    ax.grid(True, which="both", alpha=0.3)
+    return _png(fig)
+
+
+def plot_ratio(rows: list[dict]) -> bytes | None:
+    pairs = [(r["name"], _num(r.get("ratio_vs_peer")), r.get("peer", "")) for r in rows
+             if r.get("library") == "vertebra" and _num(r.get("ratio_vs_peer"))]
+    if not pairs:
+        return None
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(pairs) + 1.5))
+    names = [f"{n} (vs {p})" for n, _, p in pairs]
+    vals = [v for _, v, _ in pairs]
+    ax.barh(names, vals, color=["tab:green" if v >= 1 else "tab:red" for v in vals])
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_xlabel("vertebra throughput / the faster peer's (same run; > 1: vertebra is faster)")
+    ax.invert_yaxis()
+    ax.grid(True, axis="x", alpha=0.3)
+    return _png(fig)
+
+
+# -- HTML ----------------------------------------------------------------------------------
+
+_DISPLAY = [
+    ("name", "network"), ("library", "library"), ("status", "status"), ("input", "input"), ("batch", "batch"),
+    ("params_m", "params (M)"), ("paper_params_m", "paper (M)"), ("gmacs", "GMACs"), ("paper_gmacs", "paper GMACs"),
+    ("latency_ms", "latency b1 (ms)"), ("latency_p90_ms", "p90 (ms)"), ("throughput_ips", "img/s"),
+    ("train_ips", "train img/s"), ("postprocess_ms", "post (ms/img)"), ("peak_mem_mb", "peak mem (MB)"),
+    ("peak_fraction", "of peak"), ("ratio_vs_peer", "vs peer"),
+]
+
+
+def _cell(key: str, v) -> str:
+    f = _num(v)
+    if f is None:
+        return html.escape(str(v if v is not None else ""))
+    if key == "peak_fraction":
+        return f"{100 * f:.1f}%"
+    if key in ("batch",):
+        return str(int(f))
+    if key in ("ratio_vs_peer",):
+        return f"{f:.2f}x"
+    return f"{f:.3f}" if abs(f) < 10 else f"{f:.1f}"
+
+
+def render_html(rows: list[dict], machine: dict, config: dict, plots: dict[str, bytes], notes: list[str]) -> str:
+    css = ("body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;font-size:13px}"
+           "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}td:first-child,th:first-child{text-align:left}"
+           "tr.error td{background:#fde8e8}th{background:#f0f0f0;position:sticky;top:0}img{max-width:100%}"
+           "code{background:#f4f4f4;padding:1px 4px}")
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>vertebra bench</title><style>{css}</style>"
+           "</head><body>", "<h1>vertebra bench</h1>"]
+    out.append("<h2>Machine and settings</h2><table>")
+    for k, v in list(machine.items()) + list(config.items()):
+        out.append(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>")
+    out.append("</table>")
+    for n in notes:
+        out.append(f"<p>{html.escape(n)}</p>")
+    out.append("<h2>Results</h2><table><tr>" + "".join(f"<th>{html.escape(t)}</th>" for _, t in _DISPLAY) + "</tr>")
+    for r in rows:
+        cls = " class='error'" if r.get("status") != "ok" else ""
+        out.append(f"<tr{cls}>" + "".join(f"<td>{_cell(k, r.get(k))}</td>" for k, _ in _DISPLAY) + "</tr>")
+    out.append("</table>")
+    errors = [r for r in rows if r.get("status") != "ok"]
+    if errors:
+        out.append("<h2>Failures</h2><ul>")
+        for r in errors:
+            first = str(r.get("error", "")).splitlines()[0] if r.get("error") else ""
+            out.append(f"<li><b>{html.escape(r['name'])}</b> ({html.escape(r['library'])}): "
+                       f"<code>{html.escape(first)}</code></li>")
+        out.append("</ul>")
+    titles = {"paper_chart": "Paper top-1 error vs GMACs (the survey's chart)",
+              "latency_vs_gmacs": "Measured latency vs GMACs", "ratio": "vertebra vs its peers"}
+    for key, png in plots.items():
+        b64 = base64.b64encode(png).decode()
+        out.append(f"<h2>{html.escape(titles.get(key, key))}</h2><img alt='{key}' src='data:image/png;base64,{b64}'>")
+    out.append("<p>Compute is in multiply-adds (MACs). Files: results.csv, results.json and the PNG plots beside "
+               "this page.</p></body></html>")
+    return "\n".join(out)
+
+
+def write_report(out_dir: Path, rows: list[dict], machine: dict, config: dict, notes: list[str] | None = None,
+                 paper_points: list[dict] | None = None) -> Path:
+    """Write results.csv, results.json, the plots and report.html into ``out_dir``; return the HTML path."""
+    out_dir = Path(out_dir)
+    notes = list(notes or [])
+    atomic_write_text(out_dir / "results.csv", rows_to_csv(rows))
+    atomic_write_text(out_dir / "results.json",
+                      json.dumps({"machine": machine, "config": config, "notes": notes, "rows": rows}, indent=1,
+                                 default=str))
+    plots: dict[str, bytes] = {}
+    points = paper_points if paper_points is not None else paper_chart_points()
+    if points:
+        plots["paper_chart"] = plot_paper_chart(points)
+    for key, fn in (("latency_vs_gmacs", plot_latency), ("ratio", plot_ratio)):
+        png = fn(rows)
+        if png is not None:
+            plots[key] = png
+    for key, png in plots.items():
+        atomic_write_bytes(out_dir / f"{key}.png", png)
+    page = out_dir / "report.html"
+    atomic_write_text(page, render_html(rows, machine, config, plots, notes))
+    return page

@@ -72,7 +72,20 @@ def test_strides_at_paper_size(name):
         assert exact or 0.85 * h / info.stride - 1 <= fh, (info, tuple(f.shape), tuple(g.shape))
 
 
-@pytest.mark.parametrize("name", ALL)
+# Rows of the facts table whose figure is not the paper's network. Each is explained and strict:
+# the test fails the day the count starts to match, so the row gets corrected then.
+FIGURE_NOT_THE_PAPERS = {
+    "inception_resnet_v1": "the table's 23.995624M is imgclsmob's facenet variant (a 6th IR-C block and a "
+    "1792-512-BN head); the paper's Fig. 15 network (5/10/5 blocks, linear classifier) has 22.756328M, and "
+    "adding exactly those layers gives the table's figure",
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.xfail(reason=FIGURE_NOT_THE_PAPERS[n], strict=True))
+     if n in FIGURE_NOT_THE_PAPERS else n for n in ALL],
+)
 def test_params_match_paper(name):
     spec = vertebra.backbone_spec(name)
     if spec.paper_params_m is None:

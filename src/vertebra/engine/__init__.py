@@ -1,0 +1,1 @@
+"""Training and evaluation: the engine that trains, evaluates and checkpoints vertebra models."""

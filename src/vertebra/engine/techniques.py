@@ -1,0 +1,292 @@
+"""Training techniques of the Inception line, ready for the training engine.
+
+From Szegedy et al., "Going Deeper with Convolutions" (GoogLeNet, arXiv 1409.4842) and
+"Rethinking the Inception Architecture for Computer Vision" (Inception-v2/v3, arXiv 1512.00567):
+
+- :func:`aux_loss`: the auxiliary-classifier loss weighting. GoogLeNet adds the losses of its
+  two auxiliary classifiers with weight 0.3 (Sec. 5) and discards them at inference. The
+  Rethinking paper keeps one BN-auxiliary classifier but gives no weight; TF-slim's training
+  script (``train_image_classifier.py``), which trained the released Inception-v3, weights it
+  0.4: :data:`GOOGLENET_AUX_WEIGHT`, :data:`INCEPTION_V3_AUX_WEIGHT`.
+- :class:`LabelSmoothingCrossEntropy` / :func:`label_smoothing_cross_entropy`: label-smoothing
+  regularisation (Sec. 7): the target becomes ``(1 - eps) * onehot + eps / K`` (the uniform
+  prior u(k) = 1/K), eps = 0.1 for ImageNet.
+- :func:`inception_rmsprop`: RMSProp as in Sec. 8 ("RMSProp with decay of 0.9 and eps = 1.0 ...
+  a learning rate of 0.045, decayed every two epochs using an exponential rate of 0.94"), with
+  its step scheduler. PyTorch's RMSprop adds eps *outside* the square root,
+  ``g / (sqrt(v) + eps)``; TensorFlow (which the paper used) adds it inside,
+  ``g / sqrt(v + eps)``, initialises the mean square at 1 and folds the learning rate into the
+  momentum buffer. With eps = 1 the difference matters, so ``tf_style=True`` (the default)
+  returns :class:`RMSpropTF`, a ``torch.optim.RMSprop`` whose step is TensorFlow's;
+  ``tf_style=False`` returns the stock optimizer with eps converted to ``sqrt(eps)`` (equal to
+  TF's denominator at v = 0 and for v >> eps; at most sqrt(2) apart in between).
+- :func:`clip_gradients`: gradient clipping with threshold 2.0 (Sec. 8), on the global norm
+  (Pascanu et al., the paper's reference [14]; TF-slim's ``clip_gradient_norm``).
+- :class:`ModelEma`: "model evaluations are performed using a running average of the
+  parameters computed over time" (Sec. 8): an exponential moving average of the weights (and
+  of the BatchNorm statistics, as TF-slim's ``moving_average_decay`` averages all model
+  variables), with ``update``, an ``applied_to`` context that evaluates with the averaged
+  weights, ``copy`` for a standalone averaged model, and ``state_dict`` for checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "GOOGLENET_AUX_WEIGHT",
+    "INCEPTION_V3_AUX_WEIGHT",
+    "LabelSmoothingCrossEntropy",
+    "ModelEma",
+    "RMSpropTF",
+    "aux_loss",
+    "clip_gradients",
+    "inception_rmsprop",
+    "label_smoothing_cross_entropy",
+]
+
+#: GoogLeNet (Sec. 5): "their loss is added to the total loss of the network with a discount weight" 0.3
+GOOGLENET_AUX_WEIGHT = 0.3
+#: Inception-v3: not in the paper; TF-slim's train_image_classifier.py uses 0.4
+INCEPTION_V3_AUX_WEIGHT = 0.4
+
+
+# -- auxiliary classifiers -----------------------------------------------------------------
+
+
+def aux_loss(outputs, target: Tensor, weights: float | Sequence[float] = GOOGLENET_AUX_WEIGHT,
+             criterion=F.cross_entropy) -> Tensor:
+    """The training loss of a net with auxiliary classifiers.
+
+    ``outputs`` is what ``model(x)`` returns: ``(logits, aux_1, ..., aux_n)`` in train mode with
+    ``aux_logits=True``, or the logits alone (eval mode, no aux heads), in which case this is
+    ``criterion(logits, target)``. Returns ``criterion(logits) + sum_i w_i * criterion(aux_i)``;
+    ``weights`` is one weight for every auxiliary output or one per output.
+    """
+    if isinstance(outputs, Tensor):
+        return criterion(outputs, target)
+    logits, *aux = outputs
+    ws = [float(weights)] * len(aux) if isinstance(weights, (int, float)) else [float(w) for w in weights]
+    if len(ws) != len(aux):
+        raise ValueError(f"{len(aux)} auxiliary outputs but {len(ws)} weights")
+    loss = criterion(logits, target)
+    for w, a in zip(ws, aux):
+        loss = loss + w * criterion(a, target)
+    return loss
+
+
+# -- label smoothing -----------------------------------------------------------------------
+
+
+def label_smoothing_cross_entropy(logits: Tensor, target: Tensor, smoothing: float = 0.1,
+                                  reduction: str = "mean") -> Tensor:
+    """Cross-entropy against ``(1 - smoothing) * onehot(target) + smoothing / K``.
+
+    ``target`` holds class indices (N,) or is already a distribution (N, K).
+    """
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+    logp = F.log_softmax(logits.float(), dim=-1)
+    k = logits.shape[-1]
+    if target.dtype.is_floating_point:
+        q = target.float() * (1.0 - smoothing) + smoothing / k
+        loss = -(q * logp).sum(-1)
+    else:
+        nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        loss = (1.0 - smoothing) * nll - smoothing * logp.mean(-1)
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "none":
+        return loss
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+class LabelSmoothingCrossEntropy(nn.Module):
+    """Label-smoothing regularisation (Rethinking the Inception Architecture, Sec. 7)."""
+
+    def __init__(self, smoothing: float = 0.1, reduction: str = "mean"):
+        super().__init__()
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+        self.smoothing, self.reduction = smoothing, reduction
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        return label_smoothing_cross_entropy(logits, target, self.smoothing, self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"smoothing={self.smoothing}"
+
+
+# -- RMSProp -------------------------------------------------------------------------------
+
+
+class RMSpropTF(torch.optim.RMSprop):
+    """RMSProp with TensorFlow's update (the one the Inception papers trained with).
+
+    ``ms = alpha * ms + (1 - alpha) * g^2`` (ms starts at 1, not 0);
+    ``mom = momentum * mom + lr * g / sqrt(ms + eps)``; ``p -= mom``.
+    ``weight_decay`` adds ``wd * p`` to the gradient. ``centered`` is not supported.
+    """
+
+    def __init__(self, params, lr: float = 0.045, alpha: float = 0.9, eps: float = 1.0, weight_decay: float = 0.0,
+                 momentum: float = 0.9):
+        super().__init__(params, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
+                         centered=False)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, alpha, eps, wd, mom = group["lr"], group["alpha"], group["eps"], group["weight_decay"], \
+                group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if g.is_sparse:
+                    raise RuntimeError("RMSpropTF does not support sparse gradients")
+                if wd:
+                    g = g.add(p, alpha=wd)
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["square_avg"] = torch.ones_like(p, memory_format=torch.preserve_format)
+                    if mom > 0:
+                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                ms = state["square_avg"]
+                ms.mul_(alpha).addcmul_(g, g, value=1 - alpha)
+                update = g / ms.add(eps).sqrt_()
+                if mom > 0:
+                    buf = state["momentum_buffer"]
+                    buf.mul_(mom).add_(update, alpha=lr)
+                    p.sub_(buf)
+                else:
+                    p.sub_(update, alpha=lr)
+        return loss
+
+
+def inception_rmsprop(params, *, lr: float = 0.045, decay: float = 0.9, eps: float = 1.0, momentum: float = 0.9,
+                      weight_decay: float = 0.0, lr_decay: float = 0.94, epochs_per_decay: float = 2.0,
+                      steps_per_epoch: int | None = None, tf_style: bool = True):
+    """The Inception-v3 optimizer and learning-rate schedule: ``(optimizer, scheduler)``.
+
+    Defaults are the paper's (Sec. 8): RMSProp decay 0.9, eps 1.0, lr 0.045 multiplied by 0.94
+    every two epochs. The paper does not give RMSProp's momentum; 0.9 is TF-slim's
+    ``rmsprop_momentum`` (pass 0 for none). The scheduler is a ``StepLR``: call
+    ``scheduler.step()`` once per epoch, or once per iteration when ``steps_per_epoch`` is given
+    (TF's staircase ``exponential_decay``). ``tf_style``: see the module docstring.
+    """
+    if tf_style:
+        opt = RMSpropTF(params, lr=lr, alpha=decay, eps=eps, weight_decay=weight_decay, momentum=momentum)
+    else:
+        opt = torch.optim.RMSprop(params, lr=lr, alpha=decay, eps=math.sqrt(eps), weight_decay=weight_decay,
+                                  momentum=momentum)
+    step = epochs_per_decay if steps_per_epoch is None else epochs_per_decay * steps_per_epoch
+    if step != int(step) or step < 1:
+        raise ValueError(f"the decay period must be a whole number of scheduler steps, got {step}")
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=int(step), gamma=lr_decay)
+    return opt, sched
+
+
+# -- gradient clipping ---------------------------------------------------------------------
+
+
+def clip_gradients(params: nn.Module | Iterable[Tensor], max_norm: float = 2.0) -> Tensor:
+    """Rescale the gradients so that their global L2 norm is at most ``max_norm`` (the paper's
+    threshold 2.0); returns the norm before clipping. Call between ``backward`` and ``step``."""
+    if isinstance(params, nn.Module):
+        params = params.parameters()
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+# -- running average of the parameters -----------------------------------------------------
+
+
+class ModelEma:
+    """An exponential moving average of a model's weights, for evaluation.
+
+    ``shadow = decay * shadow + (1 - decay) * current`` over every floating-point entry of the
+    model's state_dict (parameters and BatchNorm running statistics); integer buffers are
+    copied. With ``warmup=True`` the decay of update n is ``min(decay, (1 + n) / (10 + n))``,
+    as TensorFlow's ``ExponentialMovingAverage(num_updates=...)`` does, so early averages are
+    not dominated by the random initialisation.
+
+    Usage::
+
+        ema = ModelEma(model, decay=0.9999)
+        for x, y in loader:
+            ...; opt.step(); ema.update(model)
+        with ema.applied_to(model):      # evaluate with the averaged weights
+            evaluate(model)
+        averaged = ema.copy(model)       # or a standalone averaged model
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = False):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.decay, self.warmup = float(decay), bool(warmup)
+        self.num_updates = 0
+        self.shadow: dict[str, Tensor] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def current_decay(self) -> float:
+        if self.warmup:
+            return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        return self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = self.current_decay()
+        state = model.state_dict()
+        if state.keys() != self.shadow.keys():
+            raise ValueError("ModelEma.update: the model's state_dict keys differ from the averaged model's")
+        for k, v in state.items():
+            s = self.shadow[k]
+            if s.dtype.is_floating_point:
+                s.lerp_(v.detach().to(s.dtype), 1.0 - d)
+            else:
+                s.copy_(v)
+        self.num_updates += 1
+
+    @contextlib.contextmanager
+    def applied_to(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Load the averaged weights into ``model`` for the ``with`` block, then restore its own."""
+        backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.shadow)
+        try:
+            yield model
+        finally:
+            model.load_state_dict(backup)
+
+    def copy(self, model: nn.Module) -> nn.Module:
+        """A deep copy of ``model`` holding the averaged weights, in eval mode."""
+        out = copy.deepcopy(model)
+        out.load_state_dict(self.shadow)
+        return out.eval()
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates,
+                "shadow": {k: v.clone() for k, v in self.shadow.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = {"decay", "warmup", "num_updates", "shadow"} - set(state)
+        if missing:
+            raise ValueError(f"ModelEma.load_state_dict: missing {', '.join(sorted(missing))}")
+        if state["shadow"].keys() != self.shadow.keys():
+            raise ValueError("ModelEma.load_state_dict: the averaged weights do not match this model")
+        self.decay, self.warmup, self.num_updates = float(state["decay"]), bool(state["warmup"]), \
+            int(state["num_updates"])
+        for k, v in state["shadow"].items():
+            self.shadow[k].copy_(v)

@@ -16,7 +16,7 @@ setup: $(STAMP)
 
 # the main job on the built-in defaults
 run: $(STAMP)
-	$(BIN)/vertebra list
+	$(BIN)/vertebra bench
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 tests

@@ -1,6 +1,7 @@
 """vertebra: the classic CNN backbones of object detection, faithful to their papers."""
 
 from .backbone import Backbone, FeatureInfo
+from .inference import optimize_for_inference
 from .registry import BackboneSpec, backbone_spec, create_backbone, list_backbones
 from .weights import load_reference_weights
 
@@ -14,4 +15,5 @@ __all__ = [
     "create_backbone",
     "list_backbones",
     "load_reference_weights",
+    "optimize_for_inference",
 ]

@@ -109,7 +109,7 @@ def _paper_chart_points() -> tuple[dict, ...]:
 def plot_paper_chart(points: list[dict]) -> bytes:
     """The survey's classic chart: paper top-1 error against GMACs, marker area ~ parameters."""
     plt = _figure()
-    fig, ax = plt.subplots(figsize=(10, 6.5))
+    fig, ax = plt.subplots(figsize=(12, 7))
     fams = sorted({p["family"] for p in points})
     cmap = plt.get_cmap("tab20")
     for i, fam in enumerate(fams):
@@ -123,7 +123,7 @@ def plot_paper_chart(points: list[dict]) -> bytes:
     ax.set_ylabel("ImageNet top-1 error (%, as the paper reports it)")
     ax.set_title("Paper top-1 error vs compute (marker area ~ parameters)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="upper right", markerscale=0.5)
+    ax.legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1.0), markerscale=0.5, frameon=False)
     return _png(fig)
 
 

@@ -18,6 +18,11 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
+def _capturing() -> bool:
+    return (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+            or torch.compiler.is_exporting() or torch.compiler.is_compiling())
+
+
 class FusedConv(nn.Module):
     """A (BN-folded) convolution with an optional fused ReLU, weights kept channels_last."""
 
@@ -33,8 +38,10 @@ class FusedConv(nn.Module):
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
 
     def _onednn(self, x: Tensor) -> bool:
-        return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and not torch.jit.is_tracing() \
-            and not torch.compiler.is_compiling() and onednn_available()
+        # plain ops whenever a graph is being captured (torch.jit.trace / the TorchScript ONNX exporter,
+        # torch.export / the dynamo ONNX exporter, torch.compile): the oneDNN op must not reach a graph
+        return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and not _capturing() \
+            and onednn_available()
 
     def forward(self, x: Tensor) -> Tensor:
         if self._onednn(x):

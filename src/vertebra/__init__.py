@@ -7,12 +7,22 @@ from .weights import load_reference_weights
 
 __version__ = "0.1.0"
 
+
+def create_detector(name: str = "retinanet", **kwargs):
+    """``create_detector("retinanet", backbone="resnet50", num_classes=80, **kw) -> RetinaNet``; kw names
+    and defaults follow torchvision's RetinaNet (see ``vertebra.detection.build_retinanet``)."""
+    from .detection import create_detector as _create
+
+    return _create(name, **kwargs)
+
+
 __all__ = [
     "Backbone",
     "BackboneSpec",
     "FeatureInfo",
     "backbone_spec",
     "create_backbone",
+    "create_detector",
     "list_backbones",
     "load_reference_weights",
     "optimize_for_inference",

@@ -1,0 +1,180 @@
+"""Box coding, IoU matching of anchors to ground truth, and focal loss, all batched.
+
+- Coding (R-CNN parametrisation, weights (1, 1, 1, 1) as torchvision's RetinaNet):
+  ``dx = (gx - ax) / aw``, ``dy = (gy - ay) / ah``, ``dw = log(gw / aw)``, ``dh = log(gh / ah)``;
+  decoding clamps dw, dh at log(1000 / 16).
+- Matching (RetinaNet Sec. 4, "Anchors"): an anchor is foreground when its best IoU with a
+  ground-truth box is >= 0.5, background below 0.4, ignored in between; every ground-truth box
+  also claims the anchors of its highest IoU (ties included) even below 0.5 ("low-quality
+  matches", torchvision's ``Matcher(allow_low_quality_matches=True)``). Targets are padded to a
+  batch ``[B, M, 4]`` with a validity mask, so one image with no boxes is simply an image whose
+  anchors are all background.
+- Focal loss (Sec. 3.2, alpha 0.25, gamma 2), summed and normalised per image by its number of
+  foreground anchors (at least 1), then averaged over the batch, as torchvision does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+
+__all__ = [
+    "BBOX_XFORM_CLIP",
+    "encode_boxes",
+    "decode_boxes",
+    "box_iou_batched",
+    "match_anchors",
+    "pad_targets",
+    "focal_loss_dense",
+    "BELOW_LOW_THRESHOLD",
+    "BETWEEN_THRESHOLDS",
+]
+
+BBOX_XFORM_CLIP = math.log(1000.0 / 16)
+BELOW_LOW_THRESHOLD = -1
+BETWEEN_THRESHOLDS = -2
+
+
+def encode_boxes(gt: Tensor, anchors: Tensor, weights=(1.0, 1.0, 1.0, 1.0)) -> Tensor:
+    """Regression targets ``[..., 4]`` of boxes ``gt`` relative to ``anchors`` (same leading shape)."""
+    wx, wy, ww, wh = weights
+    aw = anchors[..., 2] - anchors[..., 0]
+    ah = anchors[..., 3] - anchors[..., 1]
+    ax = anchors[..., 0] + 0.5 * aw
+    ay = anchors[..., 1] + 0.5 * ah
+    gw = gt[..., 2] - gt[..., 0]
+    gh = gt[..., 3] - gt[..., 1]
+    gx = gt[..., 0] + 0.5 * gw
+    gy = gt[..., 1] + 0.5 * gh
+    return torch.stack(
+        (wx * (gx - ax) / aw, wy * (gy - ay) / ah, ww * torch.log(gw / aw), wh * torch.log(gh / ah)), dim=-1
+    )
+
+
+def decode_boxes(codes: Tensor, anchors: Tensor, weights=(1.0, 1.0, 1.0, 1.0)) -> Tensor:
+    """Boxes ``[..., 4]`` xyxy from regression ``codes`` and ``anchors`` (broadcasting leading dims)."""
+    anchors = anchors.to(codes.dtype)
+    wx, wy, ww, wh = weights
+    aw = anchors[..., 2] - anchors[..., 0]
+    ah = anchors[..., 3] - anchors[..., 1]
+    ax = anchors[..., 0] + 0.5 * aw
+    ay = anchors[..., 1] + 0.5 * ah
+    dx, dy, dw, dh = codes.unbind(-1)
+    if wx != 1.0:
+        dx, dy, dw, dh = dx / wx, dy / wy, dw / ww, dh / wh
+    dw = dw.clamp(max=BBOX_XFORM_CLIP)
+    dh = dh.clamp(max=BBOX_XFORM_CLIP)
+    cx = dx * aw + ax
+    cy = dy * ah + ay
+    half_w = 0.5 * (torch.exp(dw) * aw)
+    half_h = 0.5 * (torch.exp(dh) * ah)
+    return torch.stack((cx - half_w, cy - half_h, cx + half_w, cy + half_h), dim=-1)
+
+
+def box_iou_batched(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """IoU ``[B, M, N]`` of ``boxes1 [B, M, 4]`` and ``boxes2 [N, 4]`` (the anchors, shared)."""
+    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
+    area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
+    lt = torch.max(boxes1[..., None, :2], boxes2[None, None, :, :2])
+    rb = torch.min(boxes1[..., None, 2:], boxes2[None, None, :, 2:])
+    wh = (rb - lt).clamp_(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area1[..., None] + area2[None, None, :] - inter
+    return inter / union
+
+
+def pad_targets(targets: list[dict[str, Tensor]], device=None) -> tuple[Tensor, Tensor, Tensor]:
+    """Targets as a batch: boxes ``[B, M, 4]``, labels ``[B, M]`` and valid ``[B, M]`` (M >= 1).
+
+    Padding boxes are a harmless unit box (never matched: their IoU row is masked out).
+    """
+    dev = device if device is not None else targets[0]["boxes"].device
+    counts = torch.tensor([int(t["boxes"].shape[0]) for t in targets], device=dev)
+    m = max(int(counts.max()) if len(targets) else 0, 1)
+    unit = torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=dev)
+    boxes = pad_sequence([torch.cat((t["boxes"].to(dev, torch.float32), unit)) for t in targets], batch_first=True)
+    labels = pad_sequence([t["labels"].to(dev, torch.int64) for t in targets], batch_first=True)
+    boxes = boxes[:, :m]
+    if labels.shape[1] < m:
+        labels = torch.nn.functional.pad(labels, (0, m - labels.shape[1]))
+    valid = torch.arange(m, device=dev)[None, :] < counts[:, None]
+    boxes = torch.where(valid[..., None], boxes, unit)
+    return boxes, labels, valid
+
+
+def match_anchors(gt_boxes: Tensor, valid: Tensor, anchors: Tensor, fg_iou_thresh: float = 0.5,
+                  bg_iou_thresh: float = 0.4, allow_low_quality_matches: bool = True) -> Tensor:
+    """The matched ground-truth index ``[B, N]`` of every anchor; -1 background, -2 ignored.
+
+    Batched form of torchvision's ``Matcher``: the IoU of padding boxes is -1, so they are never
+    a best match and never claim low-quality matches.
+    """
+    iou = box_iou_batched(gt_boxes, anchors)  # [B, M, N]
+    iou = iou.masked_fill_(~valid[..., None], -1.0)
+    matched_vals, matches = iou.max(dim=1)  # [B, N]
+    all_matches = matches.clone() if allow_low_quality_matches else None
+    matches[matched_vals < bg_iou_thresh] = BELOW_LOW_THRESHOLD
+    matches[(matched_vals >= bg_iou_thresh) & (matched_vals < fg_iou_thresh)] = BETWEEN_THRESHOLDS
+    if all_matches is not None:
+        best_per_gt = iou.max(dim=2, keepdim=True).values  # [B, M, 1]
+        claimed = ((iou == best_per_gt) & valid[..., None]).any(dim=1)  # [B, N]
+        matches = torch.where(claimed, all_matches, matches)
+    return matches
+
+
+class _FocalNegative(torch.autograd.Function):
+    """sum(w * (1 - alpha) * p^gamma * softplus(x)) and its gradient, without keeping intermediates.
+
+    This is the focal loss of every logit taken as a negative (target 0); the few positive
+    entries are corrected sparsely by the caller.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, alpha: float, gamma: float) -> Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.alpha, ctx.gamma = alpha, gamma
+        p = torch.sigmoid(x)
+        pg = p * p if gamma == 2.0 else p.pow(gamma)
+        loss = pg.mul_(F.softplus(x))
+        return loss.mul_(w).sum() * (1.0 - alpha)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, w = ctx.saved_tensors
+        alpha, gamma = ctx.alpha, ctx.gamma
+        p = torch.sigmoid(x)
+        # d/dx [p^g * softplus(x)] = p^g * (p + g * (1 - p) * softplus(x))
+        sp = F.softplus(x)
+        q = (1.0 - p).mul_(sp).mul_(gamma).add_(p)
+        pg = p.mul_(p) if gamma == 2.0 else p.pow_(gamma)
+        g = pg.mul_(q).mul_(w)
+        return g.mul_(grad * (1.0 - alpha)), None, None, None
+
+
+def _focal_elementwise(x: Tensor, t: float, alpha: float, gamma: float) -> Tensor:
+    p = torch.sigmoid(x)
+    ce = F.binary_cross_entropy_with_logits(x, torch.full_like(x, t), reduction="none")
+    p_t = p * t + (1 - p) * (1 - t)
+    a_t = alpha * t + (1 - alpha) * (1 - t)
+    return a_t * ce * (1 - p_t) ** gamma
+
+
+def focal_loss_dense(logits: Tensor, anchor_weight: Tensor, pos_index: tuple[Tensor, Tensor, Tensor],
+                     pos_weight: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Weighted sigmoid focal loss of ``logits [B, N, K]`` whose targets are one-hot and sparse.
+
+    ``anchor_weight [B, N]``: the weight of every anchor (0 for ignored ones, 1 / num_fg of its
+    image otherwise); ``pos_index`` (b, n, k) and ``pos_weight``: the entries whose target is 1.
+    Equal to ``sum(w * sigmoid_focal_loss(logits, one_hot))`` at a fraction of its memory.
+    """
+    w = anchor_weight.to(logits.dtype)[..., None].expand_as(logits)
+    loss = _FocalNegative.apply(logits, w, alpha, gamma)
+    if pos_index[0].numel():
+        xp = logits[pos_index]
+        corr = _focal_elementwise(xp, 1.0, alpha, gamma) - _focal_elementwise(xp, 0.0, alpha, gamma)
+        loss = loss + (corr * pos_weight.to(logits.dtype)).sum()
+    return loss

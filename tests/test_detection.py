@@ -1,0 +1,397 @@
+"""RetinaNet (vertebra.detection): parity with torchvision, training, odd backbones, empty targets."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.detection import retinanet_resnet50_fpn
+from torchvision.models.detection._utils import Matcher
+from torchvision.ops import FrozenBatchNorm2d, box_iou, sigmoid_focal_loss
+
+import vertebra
+from vertebra.backbone import Backbone
+from vertebra.detection import create_detector
+from vertebra.detection.anchors import AnchorGenerator, default_anchor_sizes
+from vertebra.detection.boxes import focal_loss_dense, match_anchors, pad_targets
+from vertebra.detection.retinanet import Postprocess
+
+K = 7
+SMALL = dict(min_size=256, max_size=256, score_thresh=0.02, detections_per_img=50)
+
+
+def _tv_frozen_bn(module: nn.Module) -> None:
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.BatchNorm2d):
+            f = FrozenBatchNorm2d(child.num_features, child.eps)
+            with torch.no_grad():
+                for k in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(f, k).copy_(getattr(child, k))
+            setattr(module, name, f)
+        else:
+            _tv_frozen_bn(child)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """A random torchvision retinanet_resnet50_fpn (frozen BN, random BN statistics, livelier head)
+    and vertebra's, loaded with its state_dict."""
+    torch.manual_seed(0)
+    tv = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=K, **SMALL)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in tv.backbone.body.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) * 0.5 + 0.25)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+        # spread the scores (the prior bias alone gives 0.01 everywhere, and exact ties)
+        for m in tv.head.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.normal_(0, 0.03, generator=g)
+        tv.head.classification_head.cls_logits.bias.add_(torch.randn(K * 9, generator=g))
+        tv.head.regression_head.bbox_reg.weight.normal_(0, 0.01, generator=g)
+    _tv_frozen_bn(tv.backbone.body)
+    vt = create_detector("retinanet", backbone="resnet50", num_classes=K, p6_from="p5", frozen_bn=True, **SMALL)
+    assert vt.name == "retinanet_resnet50_fpn"
+    vertebra.load_reference_weights(vt, tv.state_dict(), source="torchvision")
+    assert sum(p.numel() for p in vt.parameters()) == sum(p.numel() for p in tv.parameters())
+    images = [torch.rand(3, 200, 240, generator=g), torch.rand(3, 256, 180, generator=g)]
+    return tv.eval(), vt.eval(), images
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+
+
+def _same_detections(ours: dict, theirs: dict, atol: float = 1e-3, rtol: float = 1e-5) -> None:
+    assert ours["boxes"].shape == theirs["boxes"].shape
+    torch.testing.assert_close(ours["scores"], theirs["scores"], rtol=rtol, atol=1e-6)
+    if len(ours["boxes"]) == 0:
+        return
+    # equal scores may come out in another order: pair every detection with its nearest twin
+    d = (ours["boxes"][:, None] - theirs["boxes"][None]).abs().amax(-1)
+    d = d + 1e3 * (ours["labels"][:, None] != theirs["labels"][None])
+    assert float(d.min(1).values.max()) < atol
+    assert float(d.min(0).values.max()) < atol
+
+
+def test_parity_network_and_anchors(pair):
+    tv, vt, images = pair
+    with torch.no_grad():
+        il, _ = tv.transform(images)
+        feats = list(tv.backbone(il.tensors).values())
+        ho = tv.head(feats)
+        anchors_tv = tv.anchor_generator(il, feats)
+        batch, _ = vt.transform(images)
+        assert batch.image_sizes == il.image_sizes
+        torch.testing.assert_close(batch.tensor, il.tensors, rtol=0, atol=0)
+        levels = vt.net.pyramid(batch.tensor)
+        assert [tuple(f.shape) for f in levels] == [tuple(f.shape) for f in feats]
+        for a, b in zip(levels, feats):
+            assert _rel(a, b) < 1e-5
+        cls, box = vt.net(batch.tensor)
+        assert _rel(cls, ho["cls_logits"]) < 1e-5
+        assert _rel(box, ho["bbox_regression"]) < 1e-5
+        anchors, per_level = vt.anchors_for(batch.tensor, levels)
+        assert sum(per_level) == anchors.shape[0]
+        for a in anchors_tv:
+            torch.testing.assert_close(anchors, a, rtol=0, atol=0)
+
+
+def test_parity_detections(pair):
+    tv, vt, images = pair
+    with torch.no_grad():
+        ours, theirs = vt(images), tv(images)
+        assert len(ours) == 2
+        assert sum(len(d["boxes"]) for d in theirs) > 20  # the comparison is not vacuous
+        for o, t in zip(ours, theirs):
+            _same_detections(o, t)
+        # a batch tensor gives what a list of the same images gives
+        same = torch.stack([images[0][:, :, :180], images[1][:, :200, :]])
+        for o, t in zip(vt(same), tv(list(same))):
+            _same_detections(o, t)
+
+
+def test_parity_losses(pair):
+    tv, vt, images = pair
+    targets = [{"boxes": torch.tensor([[10.0, 20, 100, 120], [50, 50, 60, 70], [0, 0, 239, 199]]),
+                "labels": torch.tensor([1, 3, 6])},
+               {"boxes": torch.tensor([[30.0, 40, 90, 200]]), "labels": torch.tensor([2])}]
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    tv.train(), vt.train()
+    try:
+        for tg in (targets, [targets[0], empty]):
+            lt, lv = tv(images, copy.deepcopy(tg)), vt(images, copy.deepcopy(tg))
+            torch.testing.assert_close(lv["classification"], lt["classification"], rtol=2e-5, atol=1e-6)
+            torch.testing.assert_close(lv["box_regression"], lt["bbox_regression"], rtol=2e-5, atol=1e-6)
+    finally:
+        tv.eval(), vt.eval()
+
+
+def test_postprocess_matches_torchvision_batched(pair):
+    """Same head outputs (random, many candidates: the top-k per level binds) -> same detections."""
+    tv, _, _ = pair
+    g = torch.Generator().manual_seed(3)
+    sizes = [(256, 192), (224, 256)]
+    feat_sizes = [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2)]
+    n = sum(h * w * 9 for h, w in feat_sizes)
+    cls = torch.randn(2, n, K, generator=g) * 2 - 3
+    box = torch.randn(2, n, 4, generator=g) * 0.2
+    gen = AnchorGenerator(default_anchor_sizes(range(3, 8)))
+    anchors = gen((256, 256), feat_sizes)
+    per = [h * w * 9 for h, w in feat_sizes]
+    old = (tv.score_thresh, tv.topk_candidates, tv.detections_per_img)
+    tv.score_thresh, tv.topk_candidates, tv.detections_per_img = 0.05, 100, 60
+    try:
+        split = {"cls_logits": list(cls.split(per, 1)), "bbox_regression": list(box.split(per, 1))}
+        theirs = tv.postprocess_detections(split, [list(anchors.split(per))] * 2, sizes)
+    finally:
+        tv.score_thresh, tv.topk_candidates, tv.detections_per_img = old
+    post = Postprocess(score_thresh=0.05, nms_thresh=0.5, detections_per_img=60, topk_candidates=100)
+    ours = post(cls, box, anchors, per, sizes)
+    assert all(len(t["boxes"]) == 60 for t in theirs)
+    for o, t in zip(ours, theirs):
+        _same_detections(o, t)
+
+
+def test_focal_loss_and_matching_match_torchvision():
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 50, 4, generator=g) * 3).requires_grad_(True)
+    target = torch.zeros(2, 50, 4)
+    bi, ni, ki = torch.tensor([0, 0, 1]), torch.tensor([3, 7, 9]), torch.tensor([1, 2, 0])
+    target[bi, ni, ki] = 1.0
+    w = torch.rand(2, 50, generator=g)
+    ref = (sigmoid_focal_loss(logits, target, reduction="none") * w[..., None]).sum()
+    (gref,) = torch.autograd.grad(ref, logits)
+    ours = focal_loss_dense(logits, w, (bi, ni, ki), w[bi, ni])
+    (gours,) = torch.autograd.grad(ours, logits)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(gours, gref)
+
+    anchors = AnchorGenerator(default_anchor_sizes(range(3, 6)))((128, 128), [(16, 16), (8, 8), (4, 4)])
+    targets = [{"boxes": torch.tensor([[10.0, 10, 60, 70], [70, 20, 120, 60], [5, 5, 7, 6]]),
+                "labels": torch.tensor([0, 1, 2])},
+               {"boxes": torch.tensor([[0.0, 0, 128, 128]]), "labels": torch.tensor([1])}]
+    boxes, labels, valid = pad_targets(targets)
+    ours = match_anchors(boxes, valid, anchors)
+    matcher = Matcher(0.5, 0.4, allow_low_quality_matches=True)
+    for i, t in enumerate(targets):
+        torch.testing.assert_close(ours[i], matcher(box_iou(t["boxes"], anchors)))
+
+
+def _resnet18_detector(**kw):
+    return create_detector("retinanet", backbone="resnet18", num_classes=3, min_size=128, max_size=128, **kw)
+
+
+def _synthetic(n_boxes: bool = True):
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 128, 128, generator=g) * 0.2
+    images[0, :, 20:70, 30:90] += 0.7
+    images[1, 0, 60:120, 10:50] += 0.7
+    targets = [{"boxes": torch.tensor([[30.0, 20, 90, 70]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[10.0, 60, 50, 120]]), "labels": torch.tensor([2])}]
+    return images, targets
+
+
+def test_training_loss_falls():
+    torch.manual_seed(0)
+    model = _resnet18_detector(frozen_bn=False, trainable_stages=5).train()
+    images, targets = _synthetic()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    history = []
+    for _ in range(6):
+        losses = model(images, targets)
+        loss = losses["classification"] + losses["box_regression"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(float(loss.detach()))
+    assert all(v == v for v in history)
+    assert history[-1] < 0.95 * history[0] and min(history[-2:]) < min(history[:2]), history
+
+
+def test_empty_targets_and_eval_contract():
+    torch.manual_seed(0)
+    model = _resnet18_detector().train()
+    images, targets = _synthetic()
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    losses = model(images, [empty, empty])
+    assert float(losses["box_regression"].detach()) == 0.0
+    assert torch.isfinite(losses["classification"]) and float(losses["classification"].detach()) > 0
+    (losses["classification"] + losses["box_regression"]).backward()
+    losses = model(images, [targets[0], empty])
+    assert float(losses["box_regression"].detach()) > 0
+    with pytest.raises(ValueError, match="positive width"):
+        model(images, [{"boxes": torch.tensor([[5.0, 5, 5, 9]]), "labels": torch.tensor([0])}, empty])
+    with pytest.raises(ValueError, match="labels must be in"):
+        model(images, [{"boxes": torch.tensor([[5.0, 5, 9, 9]]), "labels": torch.tensor([3])}, empty])
+    model.eval()
+    model.postprocess.score_thresh = 0.01
+    with torch.no_grad():
+        out = model([images[0], images[1, :, :100, :]])
+    assert len(out) == 2
+    for d, (h, w) in zip(out, [(128, 128), (100, 128)]):
+        assert set(d) == {"boxes", "scores", "labels"}
+        assert d["boxes"].shape[1] == 4 and d["boxes"].shape[0] == d["scores"].shape[0] == d["labels"].shape[0]
+        assert d["labels"].dtype == torch.int64
+        assert 0 < len(d["boxes"]) <= 300
+        assert float(d["boxes"][:, 2].max()) <= w + 1e-3 and float(d["boxes"][:, 3].max()) <= h + 1e-3
+
+
+def test_frozen_bn_stages_and_fuse():
+    model = _resnet18_detector(score_thresh=0.0).eval()
+    bb = model.net.backbone
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in bb.modules())
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in bb.modules())
+    frozen = {n.split(".")[0] for n, p in bb.named_parameters() if not p.requires_grad}
+    trainable = {n.split(".")[0] for n, p in bb.named_parameters() if p.requires_grad}
+    assert frozen == {"conv1", "layer1"} and trainable == {"layer2", "layer3", "layer4"}
+    assert all(p.requires_grad for p in model.net.head.parameters())
+    with torch.no_grad():
+        images, _ = _synthetic()
+        ref = model(images)
+        fused = copy.deepcopy(model).fuse().channels_last()
+        for o, r in zip(fused(images), ref):
+            _same_detections(o, r, atol=1e-2, rtol=1e-4)
+    unfrozen = _resnet18_detector(frozen_bn=False, trainable_stages=5)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in unfrozen.net.backbone.modules())
+    assert all(p.requires_grad for p in unfrozen.parameters())
+
+
+class _Stride16(Backbone):
+    """ResNet-18 cut after layer3: deepest stride 16."""
+
+    def __init__(self):
+        super().__init__()
+        r = vertebra.create_backbone("resnet18", features_only=True)
+        self.conv1, self.maxpool, self.layer1, self.layer2, self.layer3 = (r.conv1, r.maxpool, r.layer1, r.layer2,
+                                                                           r.layer3)
+        self.feature_info = r.feature_info[:4]
+
+    def stages(self, x):
+        x = self.conv1(x)
+        yield x
+        x = self.layer1(self.maxpool(x))
+        yield x
+        x = self.layer2(x)
+        yield x
+        yield self.layer3(x)
+
+
+@pytest.mark.parametrize("p6_from", ["p5", "c5"])
+def test_stride16_backbone_gets_extra_levels(p6_from):
+    model = create_detector("retinanet", backbone=_Stride16(), num_classes=3, min_size=128, max_size=128,
+                            p6_from=p6_from)
+    assert model.net.backbone_strides == (8, 16)
+    assert len(model.net.fpn.extra) == 3  # P5, P6, P7
+    assert model.net.fpn.extra[0].in_channels == (256 if p6_from == "p5" else 256)
+    x = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        levels = model.net.pyramid(model.transform(x)[0].tensor)
+    assert [tuple(f.shape[-2:]) for f in levels] == [(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
+    model.train()
+    images, targets = _synthetic()
+    losses = model(images, targets)
+    assert torch.isfinite(losses["classification"]) and torch.isfinite(losses["box_regression"])
+
+
+def test_unreachable_stride_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"resnet110_sd cannot reach stride 8.*1, 2, 4"):
+        create_detector("retinanet", backbone="resnet110_sd", num_classes=3)
+
+
+def test_anchor_options_and_cache():
+    model = _resnet18_detector(min_level=2, max_level=6, aspect_ratios=(0.5, 1.0, 2.0, 3.0))
+    assert model.net.backbone_strides == (4, 8, 16, 32)
+    assert model.anchor_generator.sizes[0] == (16, 20, 25)
+    assert model.net.head.num_anchors == 12
+    a1, per = model.anchors_for(torch.zeros(1, 3, 128, 128), [torch.zeros(1, 1, 32, 32)] + [torch.zeros(1, 1, s, s)
+                                                                                           for s in (16, 8, 4, 2)])
+    a2, _ = model.anchors_for(torch.zeros(1, 3, 128, 128), [torch.zeros(1, 1, s, s) for s in (32, 16, 8, 4, 2)])
+    assert a1 is a2 and a1.shape == (sum(per), 4) and per[0] == 32 * 32 * 12
+    custom = _resnet18_detector(anchor_sizes=((24,), (48,), (96,), (192,), (384,)), head_norm="gn")
+    assert custom.net.head.num_anchors == 3
+    assert any(isinstance(m, nn.GroupNorm) for m in custom.net.head.modules())
+    assert custom.net.head.cls_tower[0][0].bias is None
+    with pytest.raises(ValueError, match="anchor_sizes"):
+        _resnet18_detector(anchor_sizes=((32,), (64,)))
+
+
+def test_network_exports():
+    model = _resnet18_detector().eval()
+    x = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        cls, box = model.net(x)
+        ep = torch.export.export(model.net, (x,))
+        cls2, box2 = ep.module()(x)
+    assert cls.shape == (1, (16 * 16 + 8 * 8 + 4 * 4 + 2 * 2 + 1) * 9, 3) and box.shape[-1] == 4
+    torch.testing.assert_close(cls2, cls)
+    torch.testing.assert_close(box2, box)
+
+
+def test_parity_v2_layout():
+    """retinanet_resnet50_fpn_v2: GroupNorm head, P6 from C5, GIoU box loss, trainable BN."""
+    from torchvision.models.detection import retinanet_resnet50_fpn_v2
+
+    torch.manual_seed(0)
+    kw = dict(min_size=160, max_size=160)
+    tv = retinanet_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=K, **kw)
+    vt = create_detector("retinanet", backbone="resnet50", num_classes=K, p6_from="c5", head_norm="gn",
+                         box_loss="giou", frozen_bn=False, trainable_stages=5, **kw)
+    vertebra.load_reference_weights(vt, tv.state_dict(), source="torchvision")
+    g = torch.Generator().manual_seed(5)
+    images = [torch.rand(3, 160, 128, generator=g), torch.rand(3, 160, 128, generator=g)]
+    targets = [{"boxes": torch.tensor([[10.0, 20, 100, 120]]), "labels": torch.tensor([1])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    lt, lv = tv(images, copy.deepcopy(targets)), vt(images, copy.deepcopy(targets))
+    torch.testing.assert_close(lv["classification"], lt["classification"], rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(lv["box_regression"], lt["bbox_regression"], rtol=2e-5, atol=1e-6)
+
+
+def test_sparse_box_subnet_is_exact():
+    """Training runs the box subnet on foreground cells only: same losses and gradients as dense."""
+    torch.manual_seed(0)
+    model = _resnet18_detector(frozen_bn=False, trainable_stages=5).train()
+    with torch.no_grad():
+        for p in model.net.head.parameters():
+            p.normal_(0, 0.05)
+    images, targets = _synthetic()
+    targets[0] = {"boxes": torch.tensor([[0.0, 0, 40, 30], [30, 20, 90, 70], [100, 100, 128, 128]]),
+                  "labels": torch.tensor([0, 1, 2])}
+    grads = []
+    for sparse in (False, True):
+        m = copy.deepcopy(model)
+        m.sparse_box_head = sparse
+        losses = m(images, targets)
+        (losses["classification"] + losses["box_regression"]).backward()
+        grads.append((losses, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (dense, gd), (sparse, gs) = grads
+    torch.testing.assert_close(sparse["box_regression"], dense["box_regression"], rtol=1e-5, atol=1e-6)
+    assert gs.keys() == gd.keys()
+    for n in gd:
+        assert _rel(gs[n], gd[n]) < 1e-4, n
+
+
+def test_box_subnet_at_cells_equals_dense():
+    torch.manual_seed(0)
+    model = _resnet18_detector().eval()
+    with torch.no_grad():
+        images, _ = _synthetic()
+        levels = model.net.pyramid(model.transform(images)[0].tensor)
+        cls, box = model.net.head(levels)
+        g = torch.Generator().manual_seed(0)
+        bi = torch.randint(0, 2, (300,), generator=g)
+        ni = torch.randint(0, box.shape[1], (300,), generator=g)
+        ni[:4] = torch.tensor([0, 8, box.shape[1] - 1, box.shape[1] - 10])  # corners of the maps
+        assert _rel(model.net.head.box_at(levels, bi, ni), box[bi, ni]) < 1e-5
+        torch.testing.assert_close(model.net.head.forward_cls(levels), cls)
+        model.postprocess.score_thresh = float(torch.sigmoid(cls).flatten().kthvalue(cls.numel() - 10).values)
+        sparse = model(images)
+        model.sparse_box_head = False
+        for o, r in zip(sparse, model(images)):
+            _same_detections(o, r, atol=1e-3, rtol=1e-4)
+        assert sum(len(d["boxes"]) for d in sparse) > 0

@@ -218,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="output folder (default reports/bench-DATE-TIME)")
     sp.set_defaults(fn=cmd_bench)
 
+    from .engine.commands import register_commands
+
+    register_commands(sub)
+
     from .data.shapes import add_shapes_parser
 
     sp = sub.add_parser("data", help="data sets: write the built-in shapes set")

@@ -252,12 +252,16 @@ class ModelEma:
         state = model.state_dict()
         if state.keys() != self.shadow.keys():
             raise ValueError("ModelEma.update: the model's state_dict keys differ from the averaged model's")
+        floats_s, floats_v = [], []
         for k, v in state.items():
             s = self.shadow[k]
             if s.dtype.is_floating_point:
-                s.lerp_(v.detach().to(s.dtype), 1.0 - d)
+                floats_s.append(s)
+                floats_v.append(v.detach().to(s.dtype))
             else:
                 s.copy_(v)
+        if floats_s:  # one fused multi-tensor kernel instead of a Python loop of lerps
+            torch._foreach_lerp_(floats_s, floats_v, 1.0 - d)
         self.num_updates += 1
 
     @contextlib.contextmanager

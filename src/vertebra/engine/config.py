@@ -1,0 +1,155 @@
+"""The training configuration: one flat dataclass, saved as ``config.json`` in the run folder and
+inside every checkpoint, so that a run can be resumed and a checkpoint rebuilt from it alone."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TrainConfig", "default_shapes_root"]
+
+
+def default_shapes_root() -> Path:
+    """Where the built-in shapes set is generated when no data is given: ``$VERTEBRA_SHAPES`` or
+    ``~/.cache/vertebra/shapes``."""
+    env = os.environ.get("VERTEBRA_SHAPES")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vertebra" / "shapes"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. ``task``: ``"det"`` (RetinaNet) or ``"cls"`` (a backbone as classifier).
+
+    Data (exactly one source; none = the built-in shapes set for ``det``):
+    ``data`` (a shapes set or a COCO-2017 layout folder), ``coco_ann`` + ``coco_images`` (+ ``val_coco_ann`` +
+    ``val_coco_images``), ``voc`` (a VOC year folder; ``voc_train_split`` / ``voc_val_split``), ``folder``
+    (an image folder, with ``train/`` and ``val/`` inside or the classes directly), ``cifar``.
+    """
+
+    task: str = "det"
+    # data
+    data: str | None = None
+    coco_ann: str | None = None
+    coco_images: str | None = None
+    val_coco_ann: str | None = None
+    val_coco_images: str | None = None
+    voc: str | None = None
+    voc_train_split: str = "trainval"
+    voc_val_split: str = "test"
+    folder: str | None = None
+    cifar: str | None = None
+    skip_bad: bool = False
+    workers: int = 0
+    size: int | None = None  # None: 256 for detection, 224 for folders, 32 for CIFAR
+    augment: str = "flip"  # "none" | "flip" | "full" (flip + colour jitter)
+    # model
+    backbone: str = "resnet18"
+    backbone_weights: str | None = None
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    detector_kwargs: dict[str, Any] = field(default_factory=dict)
+    head_convs: int | None = None  # RetinaNet: convs per head tower (None: the detector's default, 4)
+    channels_last: bool = False
+    # optimisation
+    epochs: int = 12
+    batch: int = 8
+    lr: float | None = None  # None: 0.01 for SGD, 1e-3 for AdamW, 0.045 * batch / 32 for RMSProp
+    optimizer: str = "sgd"  # "sgd" | "adamw" | "rmsprop"
+    momentum: float = 0.9
+    weight_decay: float | None = None  # None: 1e-4 (SGD), 0.05 (AdamW), 4e-5 (RMSProp)
+    schedule: str = "cosine"  # "cosine" | "step" | "constant"
+    warmup_steps: int | None = None  # None: min(500, a third of the first epoch... see Trainer)
+    warmup_factor: float = 0.001
+    step_epochs: list[int] = field(default_factory=list)  # step schedule: multiply by step_gamma at these epochs
+    step_gamma: float = 0.1
+    min_lr_ratio: float = 0.0
+    schedule_on_time: bool = False  # with max_minutes: the schedule runs over the time budget, not the epochs
+    clip: float | None = None
+    amp: str | None = None  # None | "bf16" | "fp16"
+    ema: float | None = None  # decay, e.g. 0.9998
+    label_smoothing: float = 0.0
+    aux_weight: float | None = None  # auxiliary classifiers (GoogLeNet 0.3, Inception-v3 0.4)
+    # run
+    out: str | None = None  # run folder, default runs/<name>
+    name: str | None = None
+    device: str = "cpu"
+    seed: int = 0
+    eval_every: int = 1  # epochs
+    eval_every_minutes: float | None = None  # also evaluate after this much training time
+    save_every: int | None = None  # steps (a checkpoint every N steps in addition to each epoch's end)
+    log_every: int = 10  # steps between metrics.csv rows
+    max_minutes: float | None = None
+    max_steps: int | None = None
+    progress: bool = True
+    threads: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+    def validate(self) -> None:
+        if self.task not in ("det", "cls"):
+            raise ValueError(f"task must be 'det' or 'cls', got {self.task!r}")
+        if self.optimizer not in ("sgd", "adamw", "rmsprop"):
+            raise ValueError(f"optimizer must be sgd, adamw or rmsprop, got {self.optimizer!r}")
+        if self.schedule not in ("cosine", "step", "constant"):
+            raise ValueError(f"schedule must be cosine, step or constant, got {self.schedule!r}")
+        if self.amp not in (None, "bf16", "fp16"):
+            raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {self.amp!r}")
+        if self.augment not in ("none", "flip", "full"):
+            raise ValueError(f"augment must be none, flip or full, got {self.augment!r}")
+        if self.epochs < 1 or self.batch < 1 or (self.size is not None and self.size < 16):
+            raise ValueError(f"need epochs >= 1, batch >= 1, size >= 16 (got {self.epochs}, {self.batch}, "
+                             f"{self.size})")
+        if self.ema is not None and not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema decay must be in [0, 1), got {self.ema}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        sources = [s for s in ("data", "coco_ann", "voc", "folder", "cifar") if getattr(self, s)]
+        if len(sources) > 1:
+            raise ValueError(f"give one data source, got {', '.join(sources)}")
+        if self.coco_ann and not self.coco_images:
+            raise ValueError("--coco ANN needs --images DIR")
+        if self.task == "cls" and sources and sources[0] not in ("folder", "cifar"):
+            raise ValueError("classification trains on --folder DIR or --cifar DIR")
+        if self.task == "det" and sources and sources[0] in ("folder", "cifar"):
+            raise ValueError("detection trains on --data, --coco or --voc (folders and CIFAR are for --task cls)")
+        if self.task == "cls" and not sources:
+            raise ValueError("classification needs --folder DIR or --cifar DIR")
+
+    def resolved_size(self) -> int:
+        if self.size is not None:
+            return int(self.size)
+        if self.task == "det":
+            return 256
+        return 32 if self.cifar else 224
+
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return float(self.lr)
+        return {"sgd": 0.01, "adamw": 1e-3, "rmsprop": 0.045 * self.batch / 32}[self.optimizer]
+
+    def resolved_weight_decay(self) -> float:
+        if self.weight_decay is not None:
+            return float(self.weight_decay)
+        return {"sgd": 1e-4, "adamw": 0.05, "rmsprop": 4e-5}[self.optimizer]
+
+    def run_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        return Path("runs") / (self.name or f"{self.task}_{self.backbone}")

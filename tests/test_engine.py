@@ -1,0 +1,359 @@
+"""The training / evaluation / prediction engine: tiny generated sets, tiny models, a few steps (CPU)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vertebra.data import CocoDetection, write_shapes
+from vertebra.data.transforms import detection_transforms
+from vertebra.engine.checkpoint import CheckpointError, load_checkpoint
+from vertebra.engine.commands import register_commands
+from vertebra.engine.config import TrainConfig
+from vertebra.engine.evaluate import coco_evaluate, voc_ap, voc_evaluate
+from vertebra.engine.models import load_model
+from vertebra.engine.train import NonFiniteLossError, Trainer
+
+SIZE = 96
+BACKBONE = "shufflenet_v2_x0_5"
+SMALL_DET = {"fpn_channels": 32}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine") / "shapes"
+    write_shapes(root, num_train=16, num_val=8, size=SIZE, seed=3)
+    return root
+
+
+def det_config(shapes, out, **kw) -> TrainConfig:
+    base = dict(data=str(shapes), size=SIZE, backbone=BACKBONE, batch=4, epochs=2, optimizer="adamw", lr=1e-3,
+                detector_kwargs=dict(SMALL_DET), head_convs=1, out=str(out), progress=False, log_every=1,
+                augment="none", warmup_steps=0, threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def trained(shapes, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "det"
+    cfg = det_config(shapes, out, epochs=1, ema=0.9)
+    Trainer(cfg).fit()
+    return out
+
+
+def test_detection_loss_falls_and_run_folder(shapes, tmp_path):
+    # overfit 8 images (the val split as a COCO training set): the loss must fall
+    cfg = det_config(shapes, tmp_path / "run", epochs=6, data=None, eval_every=100,
+                     coco_ann=str(shapes / "annotations" / "instances_val.json"), coco_images=str(shapes / "val"))
+    summary = Trainer(cfg).fit()
+    assert summary["steps"] == 12
+    rows = [r for r in _csv(tmp_path / "run" / "metrics.csv") if r["kind"] == "train"]
+    losses = [float(r["loss"]) for r in rows]
+    first, last = np.mean(losses[:2]), np.mean(losses[-2:])
+    assert last < 0.8 * first, losses
+    for f in ("config.json", "metrics.csv", "loss.png", "last.safetensors", "last.json"):
+        assert (tmp_path / "run" / f).is_file(), f
+    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
+    for col in ("step", "epoch", "loss", "loss_classification", "loss_box_regression", "lr", "images_per_s"):
+        assert col in header
+    cfg_saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg_saved["backbone"] == BACKBONE
+
+
+def _csv(path):
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_resume_is_exact(shapes, tmp_path):
+    kw = dict(epochs=3, ema=0.9, clip=1.0, augment="flip", optimizer="sgd", lr=0.01, warmup_steps=2, eval_every=100)
+    a = Trainer(det_config(shapes, tmp_path / "a", max_steps=6, **kw))
+    a.fit()
+    b = Trainer(det_config(shapes, tmp_path / "b", max_steps=3, **kw))  # stops mid-epoch (4 steps / epoch)
+    b.fit()
+    assert load_checkpoint(tmp_path / "b" / "last.safetensors").state["step"] == 3
+    b2 = Trainer(det_config(shapes, tmp_path / "b", max_steps=6, **kw), resume=True)
+    assert b2.step == 3
+    b2.fit()
+    assert a.step == b2.step == 6
+    sa, sb = a.model.state_dict(), b2.model.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    for k in a.ema.shadow:
+        assert torch.equal(a.ema.shadow[k], b2.ema.shadow[k]), k
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoint(shapes, tmp_path, monkeypatch):
+    cfg = det_config(shapes, tmp_path / "nan", epochs=3, eval_every=100)
+    t = Trainer(cfg)
+    real = t.compute_loss
+
+    def poisoned(batch):
+        total, parts, n = real(batch)
+        if t.step == 5:  # the 6th step: after the first epoch's checkpoint (4 steps / epoch)
+            total = total * float("nan")
+        return total, parts, n
+
+    monkeypatch.setattr(t, "compute_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"nan at step 6.*last good checkpoint is .*last\.safetensors"):
+        t.fit()
+    ck = load_checkpoint(tmp_path / "nan" / "last.safetensors")
+    assert ck.state["step"] == 4
+    for k, v in ck.tensors("model").items():
+        if v.is_floating_point():
+            assert torch.isfinite(v).all(), k
+
+
+def _gt(shapes, split="val"):
+    ds = CocoDetection(shapes / split, shapes / "annotations" / f"instances_{split}.json",
+                       detection_transforms(False, SIZE))
+    return ds
+
+
+def test_coco_eval_perfect_detections(shapes):
+    ds = _gt(shapes)
+    preds = {int(r.image_id): {"boxes": torch.from_numpy(r.boxes), "scores": torch.ones(len(r.labels)),
+                               "labels": torch.from_numpy(r.labels)} for r in ds.records}
+    m = coco_evaluate(ds, preds)
+    assert m["AP"] == pytest.approx(1.0) and m["AP50"] == pytest.approx(1.0) and m["AP75"] == pytest.approx(1.0)
+    v = voc_evaluate(ds, preds)
+    assert v["mAP"] == pytest.approx(1.0)
+
+
+def test_coco_eval_matches_pycocotools(shapes):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    ds = _gt(shapes)
+    rng = np.random.default_rng(0)
+    preds, results = {}, []
+    for r in ds.records:
+        b = r.boxes.copy() + rng.uniform(-3, 3, r.boxes.shape).astype(np.float32)  # shifted boxes
+        lab = r.labels.copy()
+        lab[rng.random(len(lab)) < 0.2] = 0  # some wrong classes
+        fp = np.array([[5, 5, 30, 40]], np.float32)  # a false positive per image
+        b = np.concatenate([b, fp])
+        lab = np.concatenate([lab, [1]])
+        s = rng.uniform(0.05, 1, len(lab)).astype(np.float32)
+        preds[int(r.image_id)] = {"boxes": torch.from_numpy(b), "scores": torch.from_numpy(s),
+                                  "labels": torch.from_numpy(lab)}
+        for bb, ss, ll in zip(b, s, lab):
+            results.append({"image_id": int(r.image_id), "category_id": ds.label_to_category_id[int(ll)],
+                            "bbox": [float(bb[0]), float(bb[1]), float(bb[2] - bb[0]), float(bb[3] - bb[1])],
+                            "score": float(ss)})
+    ours = coco_evaluate(ds, preds)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(shapes / "annotations" / "instances_val.json"))
+        ev = COCOeval(gt, gt.loadRes(results), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    ref = dict(zip(("AP", "AP50", "AP75", "APs", "APm", "APl"), ev.stats[:6]))
+    assert 0.05 < ours["AP50"] < 1.0
+    for k, v in ref.items():
+        assert ours[k] == pytest.approx(float(v), abs=1e-9), k
+
+
+def test_voc_ap_by_hand():
+    # 2 ground-truth boxes; detections by score: TP, FP, TP -> precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1
+    rec, prec = np.array([0.5, 0.5, 1.0]), np.array([1.0, 0.5, 2 / 3])
+    assert voc_ap(rec, prec, use_07_metric=False) == pytest.approx(0.5 * 1.0 + 0.5 * 2 / 3)
+    assert voc_ap(rec, prec, use_07_metric=True) == pytest.approx((6 * 1.0 + 5 * 2 / 3) / 11)
+
+    class DS:  # a minimal dataset: one image, two boxes of class 0 and a difficult one
+        num_classes, categories = 1, ["a"]
+
+        class R:
+            image_id = 1
+            boxes = np.array([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]], np.float32)
+            labels = np.array([0, 0, 0])
+            flags = {"difficult": np.array([False, False, True])}
+
+        records = [R]
+
+    preds = {1: {"boxes": torch.tensor([[0, 0, 10, 10], [60, 60, 70, 70], [40, 40, 50, 50], [20, 20, 30, 31.]]),
+                 "scores": torch.tensor([0.9, 0.8, 0.75, 0.7]), "labels": torch.tensor([0, 0, 0, 0])}}
+    # the detection on the difficult box is neither TP nor FP
+    assert voc_evaluate(DS, preds, use_07_metric=False)["mAP"] == pytest.approx(0.5 + 0.5 * 2 / 3)
+
+
+def test_classification_on_image_folder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for cls, col in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+            d = tmp_path / "folder" / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                arr = np.clip(np.array(col) + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(arr).save(d / f"{i}.png")
+    cfg = TrainConfig(task="cls", folder=str(tmp_path / "folder"), backbone="resnet18", size=32, batch=4, epochs=2,
+                      optimizer="adamw", lr=1e-3, label_smoothing=0.1, ema=0.5, out=str(tmp_path / "cls"),
+                      progress=False, log_every=1, threads=1)
+    t = Trainer(cfg)
+    s = t.fit()
+    assert s["steps"] == 8
+    assert set(s["last_eval"]) >= {"top1", "top5"} and 0 <= s["last_eval"]["top1"] <= 100
+    model, state = load_model(tmp_path / "cls" / "last.safetensors")
+    assert state["model"]["categories"] == ["blue", "red"]
+    assert model(torch.rand(1, 3, 32, 32)).shape == (1, 2)
+
+
+def _cli(argv):
+    p = argparse.ArgumentParser(prog="vertebra")
+    register_commands(p.add_subparsers(dest="cmd"))
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+def test_predict_and_eval_commands(shapes, trained, tmp_path):
+    ck = trained / "last.safetensors"
+    images = [str(shapes / "val" / "000000.jpg"), str(shapes / "val" / "000001.jpg")]
+    assert _cli(["predict", *images, "--checkpoint", str(ck), "--out", str(tmp_path / "pred"),
+                 "--score-thresh", "0.0", "--device", "cpu"]) == 0
+    assert (tmp_path / "pred" / "000000.jpg").is_file() and (tmp_path / "pred" / "000001.jpg").is_file()
+    res = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert len(res) == 2 and res[0]["image"] == images[0]
+    for d in res[0]["detections"]:
+        assert 1 <= d["category_id"] <= 6 and d["category"] in ("circle", "square", "triangle", "star", "cross",
+                                                                "hexagon")
+    out = tmp_path / "eval.json"
+    assert _cli(["eval", "--checkpoint", str(ck), "--out", str(out), "--device", "cpu", "--batch", "4"]) == 0
+    m = json.loads(out.read_text())["metrics"]
+    assert set(m) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"} and m["images"] == 8
+
+
+def test_train_command_runs(shapes, tmp_path):
+    rc = _cli(["train", "--data", str(shapes), "--backbone", BACKBONE, "--size", str(SIZE), "--batch", "4",
+               "--epochs", "1", "--max-steps", "2", "--out", str(tmp_path / "cli"), "--no-progress",
+               "--detector-kw", "fpn_channels=32", "--head-convs", "1", "--device", "cpu", "--threads", "1"])
+    assert rc == 0
+    assert load_checkpoint(tmp_path / "cli" / "last.safetensors").state["step"] == 2
+
+
+def test_bad_checkpoints_name_the_file(tmp_path, trained):
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(CheckpointError, match="nope.safetensors: checkpoint not found"):
+        load_model(missing)
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match="corrupt.safetensors: cannot read checkpoint"):
+        load_model(corrupt)
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    with pytest.raises(CheckpointError, match="plain.safetensors: not a vertebra checkpoint"):
+        load_model(plain)
+    # a truncated copy of a real one
+    data = (trained / "last.safetensors").read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.safetensors"):
+        load_model(cut)
+    # weights for another model: the description says 3 classes, the weights are for 6
+    from vertebra.engine.checkpoint import save_checkpoint
+
+    ck = load_checkpoint(trained / "last.safetensors")
+    state = dict(ck.state, model=dict(ck.state["model"], num_classes=3, categories=["a", "b", "c"]))
+    other = tmp_path / "other.safetensors"
+    save_checkpoint(other, {"model": ck.tensors("model")}, state, sidecar=False)
+    with pytest.raises(CheckpointError, match="other.safetensors: the weights do not fit"):
+        load_model(other, ema=False)
+    assert _cli(["eval", "--checkpoint", str(missing), "--device", "cpu"]) == 2
+
+
+def test_lr_schedule_shapes():
+    from vertebra.engine.train import lr_factor
+
+    cfg = TrainConfig(epochs=10, warmup_factor=0.0)
+    f = [lr_factor(s, cfg, 10, 100, 10) for s in range(100)]
+    assert f[0] == 0.0 and f[5] == pytest.approx(0.5) and f[10] == pytest.approx(1.0)
+    assert f[99] < 0.01 and all(a >= b for a, b in zip(f[10:], f[11:]))
+    cfg = TrainConfig(epochs=10, schedule="step", step_epochs=[5, 8])
+    assert lr_factor(49, cfg, 10, 100, 0) == 1.0 and lr_factor(50, cfg, 10, 100, 0) == pytest.approx(0.1)
+    assert lr_factor(85, cfg, 10, 100, 0) == pytest.approx(0.01)
+    assert math.isfinite(lr_factor(0, TrainConfig(optimizer="rmsprop", schedule="step"), 10, 100, 0))
+
+
+def test_skip_bad_counts_and_reports(shapes, tmp_path):
+    import shutil
+
+    from vertebra.data import ImageError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(shapes, bad)
+    (bad / "train" / "000002.jpg").write_bytes(b"not a jpeg at all")
+    with pytest.raises(ImageError, match="000002.jpg"):
+        Trainer(det_config(bad, tmp_path / "r1", max_steps=4, eval_every=100)).fit()
+    s = Trainer(det_config(bad, tmp_path / "r2", max_steps=4, eval_every=100, skip_bad=True)).fit()
+    assert s["steps"] == 4
+    assert any("skipped 1" in line and "corrupt image" in line for line in s["skipped"]), s["skipped"]
+
+
+def test_detections_are_mapped_back_to_original_pixels(shapes):
+    """The evaluation resizes images (96 -> 64 px); a detector that is right in the resized pixels must score
+    AP 1 once its boxes are mapped back with orig_size."""
+    from torch.utils.data import DataLoader
+
+    from vertebra.data import collate_detection
+    from vertebra.engine.evaluate import evaluate_detector
+
+    ds = CocoDetection(shapes / "val", shapes / "annotations" / "instances_val.json", detection_transforms(False, 64))
+    queue = list(ds.records)
+
+    class Oracle(torch.nn.Module):
+        def forward(self, images):
+            out = []
+            for im in images:
+                r = queue.pop(0)
+                s = im.shape[-1] / r.width
+                out.append({"boxes": torch.from_numpy(r.boxes) * s, "scores": torch.ones(len(r.labels)),
+                            "labels": torch.from_numpy(r.labels)})
+            return out
+
+    loader = DataLoader(ds, batch_size=3, collate_fn=collate_detection)
+    m = evaluate_detector(Oracle(), loader, ds, voc=True)
+    assert m["AP50"] == pytest.approx(1.0) and m["AP"] > 0.9 and m["mAP50_voc07"] == pytest.approx(1.0)
+
+
+def _color_folder(root, n_train=8, n_val=4, px=32):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for cls, col in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+            d = root / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                arr = np.clip(np.array(col) + rng.normal(0, 20, (px, px, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(arr).save(d / f"{i}.png")
+    return root
+
+
+def test_rmsprop_aux_heads_step_schedule(tmp_path):
+    folder = _color_folder(tmp_path / "folder")
+    cfg = TrainConfig(task="cls", folder=str(folder), backbone="googlenet", backbone_kwargs={"aux_logits": True},
+                      size=64, batch=4, epochs=2, optimizer="rmsprop", schedule="step", clip=2.0,
+                      out=str(tmp_path / "g"), progress=False, log_every=1, threads=1, max_steps=2, eval_every=100)
+    t = Trainer(cfg)
+    assert isinstance(t.optimizer, __import__("vertebra.engine.techniques", fromlist=["x"]).RMSpropTF)
+    assert t.aux_weight == pytest.approx(0.3)
+    batch = next(iter(t._train_loader(0, 0)))
+    t.model.train()
+    total, parts, n = t.compute_loss(batch)
+    assert n == 4 and float(total.detach()) > float(parts["main"])  # the auxiliary losses are added
+    s = t.fit()
+    assert s["steps"] == 2

@@ -144,6 +144,9 @@ def cmd_bench(args) -> int:
                 progress.console.print(f"[red]{name} ({lib}) failed:[/] {payload.splitlines()[0]}")
             rows.append(row)
             progress.advance(task)
+            if not console.is_terminal:  # a log file gets a line per network instead of the live bar
+                done = f"{row['throughput_ips']:.1f} img/s" if status == "ok" else "failed"
+                console.print(f"[{len(rows)}/{len(jobs)}] {name} ({lib}): {done}, {time.monotonic() - t0:.0f} s")
     for r in rows:
         if r["library"] != "vertebra" or r["status"] != "ok":
             continue
@@ -221,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .engine.commands import register_commands
 
     register_commands(sub)
+
+    from .export import register_commands as add_export_commands
+
+    add_export_commands(sub)
 
     from .data.shapes import add_shapes_parser
 

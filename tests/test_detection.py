@@ -353,15 +353,20 @@ def test_parity_v2_layout():
 
 
 def test_sparse_box_subnet_is_exact():
-    """Training runs the box subnet on foreground cells only: same losses and gradients as dense."""
+    """Training runs the box subnet on foreground cells only: same losses and gradients as dense.
+
+    In float64: through a train-mode BatchNorm backbone at batch 2, float32 rounding alone moves the
+    first layer's gradient by ~1e-3 relative (and differently with the thread count)."""
     torch.manual_seed(0)
-    model = _resnet18_detector(frozen_bn=False, trainable_stages=5).train()
+    model = _resnet18_detector(frozen_bn=False, trainable_stages=5).train().double()
     with torch.no_grad():
         for p in model.net.head.parameters():
             p.normal_(0, 0.05)
     images, targets = _synthetic()
-    targets[0] = {"boxes": torch.tensor([[0.0, 0, 40, 30], [30, 20, 90, 70], [100, 100, 128, 128]]),
-                  "labels": torch.tensor([0, 1, 2])}
+    images = images.double() if isinstance(images, torch.Tensor) else [im.double() for im in images]
+    targets = [{**t, "boxes": t["boxes"].double()} for t in targets]
+    targets[0] = {"boxes": torch.tensor([[0.0, 0, 40, 30], [30, 20, 90, 70], [100, 100, 128, 128]],
+                                        dtype=torch.float64), "labels": torch.tensor([0, 1, 2])}
     grads = []
     for sparse in (False, True):
         m = copy.deepcopy(model)
@@ -370,10 +375,10 @@ def test_sparse_box_subnet_is_exact():
         (losses["classification"] + losses["box_regression"]).backward()
         grads.append((losses, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
     (dense, gd), (sparse, gs) = grads
-    torch.testing.assert_close(sparse["box_regression"], dense["box_regression"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sparse["box_regression"], dense["box_regression"], rtol=1e-10, atol=1e-12)
     assert gs.keys() == gd.keys()
     for n in gd:
-        assert _rel(gs[n], gd[n]) < 1e-4, n
+        assert _rel(gs[n], gd[n]) < 1e-9, n
 
 
 def test_box_subnet_at_cells_equals_dense():

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..backbone import Backbone, FeatureInfo
+from ..backbone import Backbone, FeatureInfo, init_weights
 from ..layers import ClassifierHead, ConvBnAct
 from ..registry import register
 
@@ -72,18 +72,7 @@ class MobileNetV1(Backbone):
             self.add_module(f"stage{i + 1}", nn.Sequential(*blocks))
             self.feature_info.append(FeatureInfo(f"stage{i + 1}", in_ch, 2 ** (i + 1)))
         self.head = ClassifierHead(in_ch, num_classes, drop_rate)
-        self._init()
-
-    def _init(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def stages(self, x: Tensor):
         x = self.stage1(self.stem(x))

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbone import Backbone, FeatureInfo
+from ..backbone import Backbone, FeatureInfo, init_weights
 from ..layers import ClassifierHead, ConvBnAct, DropPath, conv_bn, drop_path_rates
 from ..layers.shuffle import channel_shuffle
 from ..registry import register
@@ -89,18 +89,7 @@ class ShuffleNet(Backbone):
             self.add_module(f"stage{i + 2}", nn.Sequential(*units))
             self.feature_info.append(FeatureInfo(f"stage{i + 2}", c, 2 ** (i + 3)))
         self.head = ClassifierHead(in_ch, num_classes, drop_rate)
-        self._init()
-
-    def _init(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def stages(self, x: Tensor):
         x = self.conv1(x)

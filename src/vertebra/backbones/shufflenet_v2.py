@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..backbone import Backbone, FeatureInfo
+from ..backbone import Backbone, FeatureInfo, init_weights
 from ..layers import ConvBnAct, conv_bn
 from ..layers.shuffle import channel_shuffle
 from ..registry import register
@@ -94,18 +94,7 @@ class ShuffleNetV2(Backbone):
             self.add_module(f"stage{i + 2}", nn.Sequential(*units))
             self.feature_info.append(FeatureInfo(f"stage{i + 2}", c, 2 ** (i + 3)))
         self.head = ConvHead(in_ch, last, num_classes, drop_rate)
-        self._init()
-
-    def _init(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def stages(self, x: Tensor):
         x = self.conv1(x)

@@ -122,7 +122,8 @@ def cmd_bench(args) -> int:
     machine = machine_info(device)
     console.print(f"measuring the machine's ceiling ({device}, {cfg.dtype} matmul) ...")
     peak = peak_gmacs_per_s(device, cfg.dtype)
-    notes.append(f"machine ceiling: {peak:.1f} GMAC/s ({cfg.dtype} square matmul on {device})")
+    notes.append(f"machine ceiling: {peak:.1f} GMAC/s ({cfg.dtype} large matmul on {device}, the faster of "
+                 "BLAS and oneDNN on CPU, best of 5)")
     jobs = [(n, "vertebra") for n in names]
     if args.compare:
         jobs = [(n, lib) for n in names for lib in ["vertebra", *peers_of(n)]]

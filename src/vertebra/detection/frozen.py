@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d as _TVFrozenBatchNorm2d
 
+from ..layers.conv_bn import fold_bn_pairs
+
 __all__ = ["FrozenBatchNorm2d", "convert_frozen_bn", "freeze_stages", "fold_frozen_bn", "fold_frozen_bn_live"]
 
 
@@ -100,50 +102,9 @@ def freeze_stages(backbone, trainable_stages: int) -> list[str]:
     return sorted(names)
 
 
-@torch.no_grad()
-def _fold(conv: nn.Conv2d, scale: Tensor, shift: Tensor) -> nn.Conv2d:
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                      conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)
-    fused = fused.to(device=conv.weight.device, dtype=conv.weight.dtype)
-    fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
-    b = conv.bias if conv.bias is not None else torch.zeros_like(shift)
-    fused.bias.copy_(b * scale + shift)
-    fused.weight.requires_grad_(False)
-    fused.bias.requires_grad_(False)
-    return fused.to(memory_format=torch.channels_last) if conv.weight.is_contiguous(
-        memory_format=torch.channels_last) and not conv.weight.is_contiguous() else fused
-
-
-def _bn_affine(bn: nn.Module) -> tuple[Tensor, Tensor] | None:
-    if isinstance(bn, _TVFrozenBatchNorm2d):
-        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-        return scale, bn.bias - bn.running_mean * scale
-    if type(bn) is nn.BatchNorm2d and not bn.training and bn.running_var is not None:
-        scale = (bn.running_var + bn.eps).rsqrt()
-        if bn.affine:
-            scale = scale * bn.weight
-            return scale, bn.bias - bn.running_mean * scale
-        return scale, -bn.running_mean * scale
-    return None
-
-
-@torch.no_grad()
 def fold_frozen_bn(module: nn.Module) -> int:
     """Fold frozen/eval BatchNorms that follow a conv inside an ``nn.Sequential``; returns how many."""
-    count = 0
-    for seq in list(module.modules()):
-        if not isinstance(seq, nn.Sequential):
-            continue
-        names = list(seq._modules)
-        for a, b in zip(names, names[1:]):
-            conv, bn = seq._modules[a], seq._modules[b]
-            if isinstance(conv, nn.Conv2d) and not isinstance(conv, nn.Identity):
-                affine = _bn_affine(bn)
-                if affine is not None:
-                    seq._modules[a] = _fold(conv, *affine)
-                    seq._modules[b] = nn.Identity()
-                    count += 1
-    return count
+    return fold_bn_pairs(module)
 
 
 class _ConvFrozenBN(nn.Sequential):

@@ -53,50 +53,63 @@ def conv_bn(in_ch: int, out_ch: int, kernel_size=1, stride: int = 1, **kw) -> Co
     return ConvBnAct(in_ch, out_ch, kernel_size, stride, act=None, **kw)
 
 
+def bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(scale, shift)`` with ``bn(x) == x * scale + shift`` per channel, for a BatchNorm whose
+    statistics are fixed: an eval-mode ``nn.BatchNorm2d`` or a ``FrozenBatchNorm2d`` (torchvision's
+    or a subclass); None for anything else (a BatchNorm still training)."""
+    from torchvision.ops import FrozenBatchNorm2d  # imported here: `import vertebra` stays light
+
+    if isinstance(bn, FrozenBatchNorm2d):
+        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+        return scale, bn.bias - bn.running_mean * scale
+    if type(bn) is nn.BatchNorm2d and not bn.training and bn.track_running_stats and bn.running_var is not None:
+        scale = (bn.running_var + bn.eps).rsqrt()
+        if bn.affine:
+            scale = scale * bn.weight
+            return scale, bn.bias - bn.running_mean * scale
+        return scale, -bn.running_mean * scale
+    return None
+
+
 @torch.no_grad()
-def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1.0 / torch.sqrt(
-        bn.running_var + bn.eps
-    )
-    shift = (bn.bias if bn.affine else 0.0) - bn.running_mean * scale
-    fused = nn.Conv2d(
-        conv.in_channels,
-        conv.out_channels,
-        conv.kernel_size,
-        conv.stride,
-        conv.padding,
-        conv.dilation,
-        conv.groups,
-        bias=True,
-        padding_mode=conv.padding_mode,
-    ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+def fold_into_conv(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor) -> nn.Conv2d:
+    """A new convolution computing ``conv(x) * scale + shift`` (weights frozen, layout kept)."""
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)
+    fused = fused.to(device=conv.weight.device, dtype=conv.weight.dtype)
     fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
-    b = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    b = conv.bias if conv.bias is not None else torch.zeros_like(shift)
     fused.bias.copy_(b * scale + shift)
+    fused.requires_grad_(False)
+    if conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous():
+        fused = fused.to(memory_format=torch.channels_last)
     return fused
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """Fold every eval-mode BatchNorm that directly follows a convolution into it, in place.
+@torch.no_grad()
+def fold_bn_pairs(module: nn.Module) -> int:
+    """Fold every fixed-statistics BatchNorm (see :func:`bn_affine`) that directly follows a
+    convolution inside an ``nn.Sequential`` (``ConvBnAct`` included) into it; returns how many."""
+    count = 0
+    for seq in list(module.modules()):
+        if not isinstance(seq, nn.Sequential):
+            continue
+        names = list(seq._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = seq._modules[a], seq._modules[b]
+            if isinstance(conv, nn.Conv2d) and (affine := bn_affine(bn)) is not None:
+                seq._modules[a] = fold_into_conv(conv, *affine)
+                seq._modules[b] = nn.Identity()
+                count += 1
+    return count
 
-    Works on any ``nn.Sequential`` whose conv is immediately followed by a BatchNorm2d
-    (``ConvBnAct`` included). The model must be in eval mode: folding uses the running
-    statistics. Returns the model.
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every BatchNorm that directly follows a convolution into it, in place.
+
+    The model must be in eval mode: folding uses the running statistics. Returns the model.
     """
     if model.training:
         raise RuntimeError("fold_batchnorm needs a model in eval mode (it folds the running statistics)")
-    for module in list(model.modules()):
-        if not isinstance(module, nn.Sequential):
-            continue
-        names = list(module._modules)
-        for a, b in zip(names, names[1:]):
-            conv, bn = module._modules[a], module._modules[b]
-            if (
-                isinstance(conv, nn.Conv2d)
-                and type(bn) is nn.BatchNorm2d
-                and bn.track_running_stats
-                and bn.running_var is not None
-            ):
-                module._modules[a] = _fold(conv, bn)
-                module._modules[b] = nn.Identity()
+    fold_bn_pairs(model)
     return model

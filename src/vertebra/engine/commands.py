@@ -120,6 +120,20 @@ def register_commands(subparsers: Any) -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d = p.add_argument_group("several processes and machines (launch with torchrun --nproc_per_node N ... "
+                             "-m vertebra train; --batch is per process)")
+    d.add_argument("--accum-steps", type=int, default=1, metavar="N",
+                   help="accumulate N micro-batches of --batch per optimizer step (default 1)")
+    d.add_argument("--sync-bn", action="store_true", help="BatchNorm statistics over every process's batch")
+    d.add_argument("--lr-scale", choices=("none", "linear"), default="none",
+                   help="linear: lr x global batch / --lr-ref-batch, global batch = --batch x processes x "
+                        "--accum-steps (default none: --lr as given)")
+    d.add_argument("--lr-ref-batch", type=int, default=None, metavar="B",
+                   help="the batch --lr is meant for (default --batch: one process, no accumulation)")
+    d.add_argument("--dist-backend", choices=("gloo", "nccl"), default=None,
+                   help="default gloo on CPU, nccl on CUDA")
+    d.add_argument("--dist-timeout", type=float, default=30.0, metavar="MINUTES",
+                   help="how long a process waits for a peer before the job stops (default 30)")
     p.set_defaults(func=cmd_train)
 
     # ---------------------------------------------------------------- eval
@@ -170,31 +184,55 @@ def config_from_args(args) -> Any:
         label_smoothing=args.label_smoothing, aux_weight=args.aux_weight, out=args.out, name=args.name,
         device=device, seed=args.seed, eval_every=args.eval_every, eval_every_minutes=args.eval_every_minutes,
         save_every=args.save_every, max_minutes=args.max_minutes, max_steps=args.max_steps,
-        progress=not args.no_progress, threads=args.threads,
+        progress=not args.no_progress, threads=args.threads, accum_steps=args.accum_steps, sync_bn=args.sync_bn,
+        lr_scale=args.lr_scale, lr_ref_batch=args.lr_ref_batch, dist_backend=args.dist_backend,
+        dist_timeout=args.dist_timeout,
     )
 
 
 def cmd_train(args) -> int:
     from ..data import DataError
     from .checkpoint import CheckpointError
+    from .distributed import cleanup_distributed, is_main_process, rank_label
     from .train import NonFiniteLossError, Trainer
 
     console, err = _console(), _console(stderr=True)
+
+    def where() -> str:  # which process failed, in a job of several
+        label = rank_label()
+        return f" ({label})" if label else ""
+
+    trainer = None
     try:
         cfg = config_from_args(args)
         trainer = Trainer(cfg, resume=args.resume, console=console)
-        console.print(f"run folder {trainer.run_dir}: {trainer.spec['backbone']} ({trainer.cfg.task}), "
-                      f"{len(trainer.train_set)} training images"
-                      + (f", {len(trainer.val_set)} validation" if trainer.val_set is not None else "")
-                      + (f", resumed at step {trainer.step}" if args.resume else ""))
+        c = trainer.cfg
+        if is_main_process():
+            console.print(f"run folder {trainer.run_dir}: {trainer.spec['backbone']} ({c.task}), "
+                          f"{len(trainer.train_set)} training images"
+                          + (f", {len(trainer.val_set)} validation" if trainer.val_set is not None else "")
+                          + (f", resumed at step {trainer.step}" if args.resume else ""))
+            if c.world_size > 1 or c.accum_steps > 1:
+                console.print(f"{c.world_size} process(es) on {trainer.device.type}: global batch {c.global_batch} "
+                              f"= --batch {c.batch} x {c.world_size} x --accum-steps {c.accum_steps}; "
+                              f"lr {c.scaled_lr:g} (--lr-scale {c.lr_scale})" + (", SyncBatchNorm" if c.sync_bn
+                                                                                 and c.world_size > 1 else ""))
         summary = trainer.fit()
     except NonFiniteLossError as e:
-        err.print(f"[red]error:[/] {e}")
+        err.print(f"[red]error{where()}:[/] {e}")
         return EXIT_NONFINITE
     except (CheckpointError, DataError, FileNotFoundError, ValueError, KeyError) as e:
-        err.print(f"[red]error:[/] {e}")
+        err.print(f"[red]error{where()}:[/] {e}")
         return EXIT_ERROR
-    if summary.get("last_eval"):
+    except Exception as e:  # a crash: say which process, then let the traceback (and torchrun's report) follow
+        if where():
+            err.print(f"[red]failed{where()}:[/] {type(e).__name__}: {e}")
+        raise
+    finally:
+        if trainer is not None:
+            trainer.close()
+        cleanup_distributed()
+    if summary.get("last_eval") and trainer.main:
         _print_metrics(console, summary["last_eval"], f"final evaluation ({trainer.run_dir})")
     return 0
 

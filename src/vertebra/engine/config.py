@@ -87,6 +87,18 @@ class TrainConfig:
     max_steps: int | None = None
     progress: bool = True
     threads: int | None = None
+    # several processes / machines (torchrun): see vertebra.engine.distributed
+    accum_steps: int = 1  # micro-batches of `batch` per optimizer step (gradient accumulation)
+    sync_bn: bool = False  # BatchNorm statistics over every process's batch
+    lr_scale: str = "none"  # "none" | "linear": lr x global_batch / lr_ref_batch (Goyal et al. 2017)
+    lr_ref_batch: int | None = None  # the batch `lr` is meant for (None: `batch`, one process, no accumulation)
+    dist_backend: str | None = None  # None: gloo on CPU, nccl on CUDA
+    dist_timeout: float = 30.0  # minutes any collective may wait for a peer before the job stops
+    # resolved by the Trainer (written to config.json; not inputs): processes, images per optimizer step
+    # (batch x world_size x accum_steps) and the learning rate after lr_scale
+    world_size: int = 1
+    global_batch: int | None = None
+    scaled_lr: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -116,6 +128,16 @@ class TrainConfig:
         if self.epochs < 1 or self.batch < 1 or (self.size is not None and self.size < 16):
             raise ValueError(f"need epochs >= 1, batch >= 1, size >= 16 (got {self.epochs}, {self.batch}, "
                              f"{self.size})")
+        if self.accum_steps < 1:
+            raise ValueError(f"accum_steps must be >= 1, got {self.accum_steps}")
+        if self.lr_scale not in ("none", "linear"):
+            raise ValueError(f"lr_scale must be 'none' or 'linear', got {self.lr_scale!r}")
+        if self.lr_ref_batch is not None and self.lr_ref_batch < 1:
+            raise ValueError(f"lr_ref_batch must be >= 1, got {self.lr_ref_batch}")
+        if self.dist_backend not in (None, "gloo", "nccl"):
+            raise ValueError(f"dist_backend must be gloo or nccl, got {self.dist_backend!r}")
+        if self.dist_timeout <= 0:
+            raise ValueError(f"dist_timeout must be > 0 minutes, got {self.dist_timeout}")
         if self.ema is not None and not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema decay must be in [0, 1), got {self.ema}")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -143,6 +165,15 @@ class TrainConfig:
         if self.lr is not None:
             return float(self.lr)
         return {"sgd": 0.01, "adamw": 1e-3, "rmsprop": 0.045 * self.batch / 32}[self.optimizer]
+
+    def lr_for(self, global_batch: int) -> float:
+        """The base learning rate of a run whose optimizer steps see ``global_batch`` images: ``resolved_lr()``,
+        times ``global_batch / lr_ref_batch`` with ``lr_scale="linear"`` (``lr_ref_batch`` default: ``batch``,
+        so one process without accumulation keeps ``lr`` as given)."""
+        lr = self.resolved_lr()
+        if self.lr_scale == "linear":
+            lr *= global_batch / float(self.lr_ref_batch or self.batch)
+        return lr
 
     def resolved_weight_decay(self) -> float:
         if self.weight_decay is not None:

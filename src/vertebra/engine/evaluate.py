@@ -6,6 +6,10 @@ Detections are ``{image_id: {"boxes": N x 4 xyxy in the image's original pixels,
 ``label_to_category_id`` and compared with the dataset's own annotation file (so AP small / medium /
 large use its ``area`` field, as the official evaluation does); other datasets use
 ``dataset.coco_ground_truth()`` (category id = label + 1; VOC difficult boxes are ignored).
+
+With ``distributed=True`` (several processes, each given a loader over its own share of the set) the
+detections are gathered on rank 0, which computes the metrics, and every rank returns them; classification
+counts are summed over the processes. Either way the numbers are those of one process over the whole set.
 """
 
 from __future__ import annotations
@@ -230,22 +234,34 @@ def predict_detections(model: nn.Module, loader: Iterable, device: torch.device 
 
 
 def evaluate_detector(model: nn.Module, loader: Iterable, dataset, device="cpu", amp: str | None = None,
-                      voc: bool = False, progress=None) -> dict[str, float]:
-    """COCO metrics (and VOC07 / VOC12 mAP@0.5 when ``voc``) of a detector on ``dataset``."""
+                      voc: bool = False, progress=None, distributed: bool = False) -> dict[str, float]:
+    """COCO metrics (and VOC07 / VOC12 mAP@0.5 when ``voc``) of a detector on ``dataset``. ``distributed``:
+    ``loader`` covers this process's share of ``dataset``; the metrics are over every process's share."""
+    from .distributed import all_gather_object, broadcast_object, is_main_process
+
     t0 = time.perf_counter()
     preds = predict_detections(model, loader, device, amp, progress)
-    metrics = coco_evaluate(dataset, preds)
-    if voc:
-        metrics["mAP50_voc07"] = voc_evaluate(dataset, preds, use_07_metric=True)["mAP"]
-        metrics["mAP50_voc12"] = voc_evaluate(dataset, preds, use_07_metric=False)["mAP"]
+    metrics: dict[str, float] | None = None
+    if distributed:
+        # rank r holds images r, r + W, ...: interleaving the parts gives back the data set's order
+        parts = [list(p.items()) for p in all_gather_object(preds)]
+        preds = {k: v for i in range(max(map(len, parts))) for part in parts if i < len(part) for k, v in [part[i]]}
+    if not distributed or is_main_process():
+        metrics = coco_evaluate(dataset, preds)
+        if voc:
+            metrics["mAP50_voc07"] = voc_evaluate(dataset, preds, use_07_metric=True)["mAP"]
+            metrics["mAP50_voc12"] = voc_evaluate(dataset, preds, use_07_metric=False)["mAP"]
+    if distributed:
+        metrics = broadcast_object(metrics)
     metrics["eval_seconds"] = time.perf_counter() - t0
     return metrics
 
 
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, loader: Iterable, device="cpu", amp: str | None = None,
-                        progress=None) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (in %) and mean cross-entropy of a classifier."""
+                        progress=None, distributed: bool = False) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (in %) and mean cross-entropy of a classifier. ``distributed``: ``loader``
+    covers this process's share; the counts are summed over the processes."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -271,6 +287,12 @@ def evaluate_classifier(model: nn.Module, loader: Iterable, device="cpu", amp: s
                 progress(len(y))
     finally:
         model.train(was_training)
+    if distributed:
+        from .distributed import all_reduce_sum
+
+        totals = torch.tensor([n, c1, c5, loss], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+        n, c1, c5 = (int(v) for v in all_reduce_sum(totals)[:3].tolist())
+        loss = float(totals[3])
     n = max(n, 1)
     return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss / n,
             "eval_seconds": time.perf_counter() - t0}

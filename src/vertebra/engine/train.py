@@ -19,15 +19,26 @@ and N/2 + resume + N/2 give the same parameters on CPU.
 A non-finite loss (or gradient norm) stops the run before the optimizer step with a
 :class:`NonFiniteLossError` naming the step and the last good checkpoint, which is left as it was.
 
-Distributed training is not implemented; the writes and the progress bar sit behind
-:func:`~vertebra.engine.distributed.is_main_process` and the sampler (:class:`EpochSampler`) is the
-one place a per-rank split goes.
+Several processes (``torchrun --nproc_per_node N [--nnodes M ...] -m vertebra train ...``): the Trainer joins
+the process group torchrun describes (:func:`~vertebra.engine.distributed.init_distributed`: gloo on CPU,
+nccl on CUDA, ``cuda:LOCAL_RANK``), wraps the model in ``DistributedDataParallel`` (optionally with
+BatchNorm synchronised across the processes, ``sync_bn``) and splits each epoch's permutation between the
+ranks (:class:`EpochSampler`: rank r takes every W-th item), so an optimizer step sees the same
+``global_batch = batch x world_size x accum_steps`` images, with the same augmentation, whatever the number
+of processes. ``accum_steps`` micro-batches are accumulated per step (DDP's ``no_sync`` on all but the last).
+Rank 0 alone writes checkpoints, metrics, plots and draws the progress bar; evaluation is split between the
+ranks and gathered on rank 0, and the metrics are broadcast. A checkpoint holds the plain model's
+state_dict and its position as a step count of ``global_batch`` images, so a run resumes on another number
+of processes: the global batch is kept and ``accum_steps`` (or, if that does not divide, the per-process
+``batch``) is recomputed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
+import gc
 import io
 import json
 import logging
@@ -54,7 +65,15 @@ from .checkpoint import (
     unflatten_optimizer,
 )
 from .config import TrainConfig, default_shapes_root
-from .distributed import is_main_process
+from .distributed import (
+    all_reduce_sum,
+    barrier,
+    broadcast_tensors,
+    convert_sync_batchnorm,
+    init_distributed,
+    is_distributed,
+    is_main_process,
+)
 from .evaluate import evaluate_classifier, evaluate_detector
 from .models import IMAGENET_MEAN, IMAGENET_STD, build_model, default_detector_kwargs, describe, load_state
 
@@ -79,13 +98,20 @@ class EpochSampler(Sampler):
     """Indices of an epoch in an order fixed by (seed, epoch), each with its augmentation seed.
 
     Yields ``(index, sample_seed)`` pairs for :class:`SeededDataset`. ``start`` skips the first items
-    (resuming mid-epoch without loading them). A distributed version takes every ``world_size``-th item
-    from ``rank`` of the same permutation.
+    of this rank's share (resuming mid-epoch without loading them). With several processes each ``rank``
+    takes every ``world_size``-th item of the same permutation, so consecutive per-rank batches of ``b``
+    make up consecutive global batches of ``b x world_size`` items whatever the number of processes.
+    ``num_samples`` uses only the permutation's first items (a whole number of global batches: every rank
+    then gets the same number of batches).
     """
 
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1,
+                 num_samples: int | None = None):
         self.n, self.seed, self.shuffle = int(n), int(seed), bool(shuffle)
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size = int(rank), int(world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size {world_size})")
+        self.num_samples = self.n if num_samples is None else min(int(num_samples), self.n)
         self.epoch = 0
         self.start = 0
 
@@ -98,7 +124,7 @@ class EpochSampler(Sampler):
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
-        return order[self.rank::self.world_size]
+        return order[:self.num_samples][self.rank::self.world_size]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         for i in self._order()[self.start:]:
@@ -146,10 +172,15 @@ def ensure_shapes(root: Path | None = None) -> Path:
     from ..data.shapes import _is_shapes_set, write_shapes
 
     root = Path(root) if root is not None else default_shapes_root()
-    if not _is_shapes_set(root):
-        if is_main_process():
-            print(f"generating the shapes set into {root} (once; about a minute)...", flush=True)
+    if not _is_shapes_set(root) and is_main_process():
+        print(f"generating the shapes set into {root} (once; about a minute)...", flush=True)
         write_shapes(root)
+    if is_distributed():  # rank 0 writes it; the others wait, then read it
+        barrier()
+        if not _is_shapes_set(root):
+            raise FileNotFoundError(f"{root}: the shapes set rank 0 wrote is not on this machine; put it on a "
+                                    "shared file system or write it on every machine first "
+                                    "(vertebra data shapes --out DIR, then --data DIR)")
     return root
 
 
@@ -245,7 +276,7 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = _param_groups(model, cfg.resolved_weight_decay())
-    lr = cfg.resolved_lr()
+    lr = cfg.lr_for(cfg.global_batch or cfg.batch * cfg.accum_steps)
     # fused kernels (one pass over every parameter, CPU and CUDA): AdamW's step is ~5x faster than the loop
     fused = {"fused": True} if all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
                                    for g in groups for p in g["params"]) else {}
@@ -289,6 +320,24 @@ def _set_rng_state(tensors: dict[str, Tensor], js: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------- trainer
 
 
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    """The RNG seed of ``rank`` from ``step`` on (dropout, drop path: each process draws its own)."""
+    return (int(seed) * 998_244_353 + (int(rank) + 1) * 1_000_000_007 + int(step) * 19_260_817) % (2**62)
+
+
+class _LossModule(nn.Module):
+    """The model with ``Trainer.compute_loss`` as its forward, for ``DistributedDataParallel``: DDP synchronises
+    the gradients of what runs inside its own forward, and the detection loss calls the detector's parts."""
+
+    def __init__(self, trainer: Trainer):
+        super().__init__()
+        self.model = trainer.model
+        self._loss = lambda batch: trainer.compute_loss(batch)
+
+    def forward(self, batch):
+        return self._loss(batch)
+
+
 def _plain_target(t: dict[str, Any], device: torch.device) -> dict[str, Tensor]:
     return {"boxes": t["boxes"].as_subclass(Tensor).to(device, torch.float32),
             "labels": t["labels"].as_subclass(Tensor).to(device)}
@@ -308,16 +357,22 @@ class Trainer:
             saved = TrainConfig.from_dict(ck.state["config"])
             # what may change on resume: how long and where it runs, not what it computes
             for k in ("epochs", "max_minutes", "max_steps", "progress", "workers", "device", "threads", "out",
-                      "eval_every", "eval_every_minutes", "save_every", "log_every"):
+                      "eval_every", "eval_every_minutes", "save_every", "log_every", "dist_backend", "dist_timeout"):
                 if k == "out" and cfg.out is None:
                     continue
                 setattr(saved, k, getattr(cfg, k))
             if saved.out is None:
                 saved.out = str(path.parent)
             cfg = saved
+        else:
+            cfg = dataclasses.replace(cfg)  # the resolved fields below belong to this run, not the caller's object
         cfg.validate()
         self.cfg = cfg
-        self.device = torch.device(cfg.device)
+        self.notes: list[str] = []
+        dinfo = init_distributed(cfg.device, cfg.dist_backend, cfg.dist_timeout)
+        self.rank, self.world_size = dinfo.rank, dinfo.world_size
+        self.device = dinfo.device
+        self._resolve_batch(cfg, resumed=ck is not None)
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
         self.main = is_main_process()
@@ -354,6 +409,10 @@ class Trainer:
                          "size": size, "mean": info["mean"], "std": info["std"]}
         self.voc = bool(info.get("voc"))
         self.model = build_model(self.spec, None if ck else cfg.backbone_weights).to(self.device)
+        if cfg.sync_bn and self.world_size > 1:
+            # torch's kernel on CUDA; ours (two all-reduces per layer) on CPU, where torch's has none
+            convert = nn.SyncBatchNorm.convert_sync_batchnorm if self.device.type == "cuda" else convert_sync_batchnorm
+            self.model = convert(self.model)
         if cfg.channels_last:
             if hasattr(self.model, "channels_last") and callable(self.model.channels_last):
                 self.model.channels_last()
@@ -377,12 +436,19 @@ class Trainer:
             self.aux_weight = (techniques.INCEPTION_V3_AUX_WEIGHT if "inception_v3" in cfg.backbone
                                else techniques.GOOGLENET_AUX_WEIGHT)
 
-        drop_last = len(self.train_set) >= cfg.batch
-        self.steps_per_epoch = len(self.train_set) // cfg.batch if drop_last else 1
+        n, g = len(self.train_set), cfg.global_batch
+        drop_last = n >= g
+        if not drop_last and (self.world_size > 1 or cfg.accum_steps > 1):
+            raise ValueError(f"the training set has {n} images, fewer than one optimizer step's {g} (--batch "
+                             f"{cfg.batch} x {self.world_size} processes x --accum-steps {cfg.accum_steps}); "
+                             "lower --batch or --accum-steps or use fewer processes")
+        self.steps_per_epoch = n // g if drop_last else 1
         self.drop_last = drop_last
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(500, self.total_steps // 10)
-        self.sampler = EpochSampler(len(self.train_set), cfg.seed)
+        # every rank walks the same permutation (its every W-th item), cut to a whole number of optimizer steps
+        self.sampler = EpochSampler(n, cfg.seed, rank=self.rank, world_size=self.world_size,
+                                    num_samples=self.steps_per_epoch * g if drop_last else None)
         self.loader_gen = torch.Generator().manual_seed(cfg.seed)
 
         self.step = 0
@@ -394,9 +460,65 @@ class Trainer:
         self.stop_reason = ""
         if ck is not None:
             self._restore(ck)
+        if self.world_size > 1:
+            s = _rank_seed(cfg.seed, self.rank, self.step)
+            torch.manual_seed(s)
+            random.seed(s)
+            np.random.seed(s % 2**32)
+        self.ddp: nn.Module | None = None
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # rank 0's parameters and buffers are broadcast here; gradients are averaged in each backward
+            self.ddp = DistributedDataParallel(_LossModule(self), device_ids=None)
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.run_dir.glob(".*.tmp-*"):  # left by a process killed while writing
+                stale.unlink(missing_ok=True)
             atomic_write_text(self.run_dir / "config.json", cfg.to_json() + "\n")
+        for note in self.notes:
+            self._print(note)
+
+    def close(self) -> None:
+        """Drop the DDP wrapper. Call it before the process group is destroyed (``cmd_train`` does): a DDP
+        reducer that outlives its group aborts the process at exit ("terminate called without an active
+        exception")."""
+        if self.ddp is not None:
+            self.ddp = None
+            gc.collect()  # the wrapper and the Trainer reference each other
+
+    def _resolve_batch(self, cfg: TrainConfig, resumed: bool) -> None:
+        """Fill ``world_size``, ``global_batch`` and ``scaled_lr``. A fresh run: ``batch x world_size x
+        accum_steps``. A resumed one keeps its global batch (what an optimizer step computes) and splits it over
+        this run's processes: ``accum_steps`` is recomputed for the same per-process ``batch``, else ``batch``
+        for the same ``accum_steps``, else ``batch`` with no accumulation."""
+        w = self.world_size
+        if not resumed:
+            g = cfg.batch * w * cfg.accum_steps
+            if cfg.sync_bn and w == 1:
+                raise ValueError("--sync-bn needs several processes (torchrun --nproc_per_node N -m vertebra train "
+                                 "...); in one process BatchNorm already sees the whole batch")
+            if cfg.lr_scale == "linear" and cfg.lr_ref_batch is None:
+                cfg.lr_ref_batch = cfg.batch  # stated in config.json, and fixed for the run's resumptions
+        else:
+            g = cfg.global_batch or cfg.batch * cfg.accum_steps * cfg.world_size
+            before = (cfg.batch, cfg.accum_steps, cfg.world_size)
+            if g % (cfg.batch * w) == 0:
+                cfg.accum_steps = g // (cfg.batch * w)
+            elif g % (w * cfg.accum_steps) == 0:
+                cfg.batch = g // (w * cfg.accum_steps)
+            elif g % w == 0:
+                cfg.batch, cfg.accum_steps = g // w, 1
+            else:
+                raise ValueError(f"the checkpoint's global batch of {g} images per optimizer step cannot be split "
+                                 f"over {w} processes; resume on a number of processes that divides {g}")
+            if (cfg.batch, cfg.accum_steps, w) != before:
+                self.notes.append(f"resuming on {w} process(es) (the checkpoint ran on {before[2]}): the global "
+                                  f"batch stays {g} = --batch {cfg.batch} x {w} x --accum-steps {cfg.accum_steps}")
+            if cfg.sync_bn and w == 1:
+                self.notes.append("sync_bn has no effect in one process (BatchNorm sees the whole batch)")
+        cfg.world_size, cfg.global_batch = w, g
+        cfg.scaled_lr = cfg.lr_for(g)
 
     # ----------------------------------------------------------------------------------- checkpoints
     @property
@@ -406,8 +528,12 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         _, opt_rest = flatten_optimizer(self.optimizer)
         _, rng_js = _rng_state(self.device)
+        g = self.cfg.global_batch
         st = {"model": self.spec, "config": self.cfg.to_dict(), "step": self.step,
               "epoch": self.step // self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
+              # the position in images, independent of the number of processes that consumed them
+              "global_batch": g, "world_size": self.world_size, "samples": self.step * g,
+              "samples_in_epoch": (self.step % self.steps_per_epoch) * g,
               "scheduler": {"step": self.step, "warmup": self.warmup, "total_steps": self.total_steps,
                             "base_lrs": self.base_lrs},
               "optimizer": opt_rest, "rng": rng_js, "best_metric": self.best, "metric": self.primary_metric,
@@ -421,14 +547,19 @@ class Trainer:
         return st
 
     def save(self, name: str = "last") -> Path | None:
-        if not self.main:
-            return None
-        opt_t, _ = flatten_optimizer(self.optimizer)
-        rng_t, _ = _rng_state(self.device)
-        groups = {"model": self.model.state_dict(), "optim": opt_t, "rng": rng_t}
-        if self.ema is not None:
-            groups["ema"] = self.ema.shadow
-        return save_checkpoint(self.run_dir / f"{name}.safetensors", groups, self.state())
+        """Rank 0 writes ``NAME.safetensors`` (the plain model's state_dict: no DDP ``module.`` prefix); every
+        rank calls it and waits at a barrier until the file is complete, so a peer failing later cannot
+        interrupt a write."""
+        path = None
+        if self.main:
+            opt_t, _ = flatten_optimizer(self.optimizer)
+            rng_t, _ = _rng_state(self.device)
+            groups = {"model": self.model.state_dict(), "optim": opt_t, "rng": rng_t}
+            if self.ema is not None:
+                groups["ema"] = self.ema.shadow
+            path = save_checkpoint(self.run_dir / f"{name}.safetensors", groups, self.state())
+        barrier()
+        return path
 
     def _restore(self, ck) -> None:
         st = ck.state
@@ -519,6 +650,11 @@ class Trainer:
         )
 
     def train_step(self, batch) -> tuple[float, dict[str, float], int]:
+        """One optimizer step over ``batch``: a batch, or a list of ``accum_steps`` micro-batches whose
+        gradients are accumulated (averaged: each micro-batch's loss is divided by their number). With several
+        processes the gradients are averaged over them too (DDP, synchronised on the last micro-batch only).
+        Returns (loss, its parts, images) over every micro-batch of every process."""
+        batches = list(batch) if isinstance(batch, list) else [batch]
         frac = None
         if self.cfg.schedule_on_time and self.cfg.max_minutes:
             if self.step <= self.warmup:
@@ -528,22 +664,42 @@ class Trainer:
         factor = lr_factor(self.step, self.cfg, self.steps_per_epoch, self.total_steps, self.warmup, frac)
         for g, base in zip(self.optimizer.param_groups, self.base_lrs):
             g["lr"] = base * factor
-        self.model.train()
-        total, parts, n = self.compute_loss(batch)
-        loss_v = float(total.detach())
-        parts_f = {k: float(v) for k, v in parts.items()}
+        (self.ddp or self.model).train()
+        self.optimizer.zero_grad(set_to_none=True)
+        k = len(batches)
+        keys: list[str] = []
+        sums: Tensor | None = None
+        n = 0
+        for i, b in enumerate(batches):
+            no_sync = self.ddp.no_sync() if self.ddp is not None and i < k - 1 else contextlib.nullcontext()
+            with no_sync:
+                total, parts, n_i = self.ddp(b) if self.ddp is not None else self.compute_loss(b)
+                keys = keys or sorted(parts)
+                vals = torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().reshape(()).cpu()
+                                    for v in (total, *(parts[key] for key in keys))])
+                if self.world_size == 1 and not math.isfinite(float(vals[0])):  # stop before the backward pass
+                    raise self._nonfinite("the loss", float(vals[0]), dict(zip(keys, vals[1:].tolist())))
+                loss_i = total / k if k > 1 else total
+                (self.scaler.scale(loss_i) if self.scaler is not None else loss_i).backward()
+            sums = vals if sums is None else sums + vals
+            n += int(n_i)
+        # the mean loss and parts over every micro-batch of every process, and the image count: one all-reduce,
+        # after which every rank takes the same decision on a non-finite loss (before the update)
+        stats = torch.cat([sums, torch.tensor([float(n)], dtype=torch.float64)])
+        if self.world_size > 1:
+            stats = all_reduce_sum(stats.to(self.device)).cpu()
+        loss_v = float(stats[0]) / (k * self.world_size)
+        parts_f = {key: float(v) / (k * self.world_size) for key, v in zip(keys, stats[1:-1])}
+        n = int(round(float(stats[-1])))
         if not math.isfinite(loss_v):
             raise self._nonfinite("the loss", loss_v, parts_f)
-        self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
-            self.scaler.scale(total).backward()
             if self.cfg.clip:
                 self.scaler.unscale_(self.optimizer)
                 techniques.clip_gradients(self.model, self.cfg.clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            total.backward()
             if self.cfg.clip:
                 norm = float(techniques.clip_gradients(self.model, self.cfg.clip))
                 if not math.isfinite(norm):
@@ -559,19 +715,30 @@ class Trainer:
         from ..data import collate_classification, collate_detection
 
         collate = collate_detection if self.cfg.task == "det" else collate_classification
-        return DataLoader(self.val_set, batch_size=self.cfg.batch, shuffle=False, num_workers=self.cfg.workers,
+        ds = self.val_set
+        if self.world_size > 1:  # this rank's share: every W-th image (no padding, so nothing counts twice)
+            ds = torch.utils.data.Subset(ds, range(self.rank, len(ds), self.world_size))
+        return DataLoader(ds, batch_size=self.cfg.batch, shuffle=False, num_workers=self.cfg.workers,
                           collate_fn=collate)
 
     def evaluate(self) -> dict[str, float]:
+        """The validation metrics. With several processes each evaluates its share of the set with rank 0's
+        BatchNorm statistics (and running average), rank 0 computes the metrics from every rank's predictions
+        and every rank returns them: the numbers of one process evaluating the checkpoint."""
         if self.val_set is None:
             return {}
+        dist = self.world_size > 1
+        if dist:
+            broadcast_tensors(list(self.model.buffers()))
+            if self.ema is not None:
+                broadcast_tensors(list(self.ema.shadow.values()))
         ctx = self.ema.applied_to(self.model) if self.ema is not None else contextlib.nullcontext()
         with ctx:
             if self.cfg.task == "det":
                 m = evaluate_detector(self.model, self._val_loader(), self.val_set, self.device, self.cfg.amp,
-                                      voc=self.voc)
+                                      voc=self.voc, distributed=dist)
             else:
-                m = evaluate_classifier(self.model, self._val_loader(), self.device, self.cfg.amp)
+                m = evaluate_classifier(self.model, self._val_loader(), self.device, self.cfg.amp, distributed=dist)
         self.last_eval = m
         return m
 
@@ -637,7 +804,8 @@ class Trainer:
     def _train_loader(self, epoch: int, start_batch: int) -> DataLoader:
         from ..data import collate_classification, collate_detection
 
-        self.sampler.set_epoch(epoch, start_batch * self.cfg.batch)
+        # resuming mid-epoch: start_batch optimizer steps of global_batch images are done; this rank's share
+        self.sampler.set_epoch(epoch, start_batch * self.cfg.global_batch // self.world_size)
         collate = collate_detection if self.cfg.task == "det" else collate_classification
         return DataLoader(SeededDataset(self.train_set), batch_size=self.cfg.batch, sampler=self.sampler,
                           num_workers=self.cfg.workers, collate_fn=collate, drop_last=self.drop_last,
@@ -652,6 +820,30 @@ class Trainer:
         return Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  "
                                    "{task.fields[ips]:.1f} img/s"), TimeElapsedColumn(), console=self.console)
+
+    def _micro_batches(self, loader) -> Iterator[Any]:
+        """The loader's batches, grouped by ``accum_steps`` (one batch as it is without accumulation)."""
+        k = self.cfg.accum_steps
+        if k == 1:
+            yield from loader
+            return
+        group: list[Any] = []
+        for b in loader:
+            group.append(b)
+            if len(group) == k:
+                yield group
+                group = []
+        if group:
+            yield group
+
+    def _agreed_seconds(self, seconds: float) -> float:
+        """Rank 0's training time on every rank: the time budget, time-based evaluation and a schedule on time
+        then take the same decisions (and learning rate) everywhere."""
+        if self.world_size == 1:
+            return seconds
+        t = torch.tensor([seconds], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        broadcast_tensors([t])
+        return float(t)
 
     def fit(self) -> dict[str, Any]:
         """Train to the end (or to ``max_steps`` / ``max_minutes``); returns a summary."""
@@ -678,11 +870,11 @@ class Trainer:
                     progress.reset(task, total=spe, completed=sb)
                     progress.update(task, epoch=f"{epoch + 1}/{cfg.epochs}")
                 t_fetch = time.perf_counter()
-                for batch in self._train_loader(epoch, sb):
+                for batch in self._micro_batches(self._train_loader(epoch, sb)):
                     loss, parts, n = self.train_step(batch)
                     dt_all = time.perf_counter() - t_fetch
                     t_fetch = time.perf_counter()
-                    self.train_seconds += dt_all
+                    self.train_seconds = self._agreed_seconds(self.train_seconds + dt_all)
                     win_loss.append(loss)
                     for k, v in parts.items():
                         win_parts.setdefault(k, []).append(v)
@@ -730,6 +922,7 @@ class Trainer:
         summary = {"steps": self.step, "epochs": self.step / spe, "train_minutes": self.train_seconds / 60,
                    "best_metric": self.best, "metric": self.primary_metric, "last_eval": self.last_eval,
                    "run_dir": str(self.run_dir), "stop_reason": self.stop_reason, "skipped": self.skip_summary()}
+        barrier()  # the job ends together, after rank 0's last writes
         self._print(f"{self.stop_reason}: {self.step} steps in {self.train_seconds / 60:.1f} min; "
                     f"checkpoint {self.run_dir / 'last.safetensors'}")
         for line in self.skip_summary():
@@ -767,7 +960,11 @@ class Trainer:
 
 def train(cfg: TrainConfig, resume: bool | str | Path = False, console=None) -> dict[str, Any]:
     """Train with ``cfg``; returns the summary of :meth:`Trainer.fit`."""
-    return Trainer(cfg, resume=resume, console=console).fit()
+    trainer = Trainer(cfg, resume=resume, console=console)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
 
 
 def dump_json(path: Path, obj: Any) -> None:

@@ -53,7 +53,7 @@ def _add_data_args(p: argparse.ArgumentParser, *, for_eval: bool = False) -> Non
     g.add_argument("--cifar", metavar="DIR", help="CIFAR-10/100 python batches for classification")
     g.add_argument("--skip-bad", action="store_true", help="skip (and count) bad images and annotations")
     g.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0)")
-    g.add_argument("--batch", type=int, default=None, help="images per batch")
+    g.add_argument("--batch", type=int, default=None, help="images per batch (per process under torchrun)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 

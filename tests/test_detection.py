@@ -15,7 +15,7 @@ import vertebra
 from vertebra.backbone import Backbone
 from vertebra.detection import create_detector
 from vertebra.detection.anchors import AnchorGenerator, default_anchor_sizes
-from vertebra.detection.boxes import focal_loss_dense, match_anchors, pad_targets
+from vertebra.detection.boxes import focal_loss_dense, match_anchors, match_anchors_atss, pad_targets
 from vertebra.detection.retinanet import Postprocess
 
 K = 7
@@ -183,6 +183,82 @@ def test_focal_loss_and_matching_match_torchvision():
         torch.testing.assert_close(ours[i], matcher(box_iou(t["boxes"], anchors)))
 
 
+def _atss_reference(gt: torch.Tensor, anchors: torch.Tensor, per_level: list[int], topk: int) -> torch.Tensor:
+    """ATSS (1912.02424, Algorithm 1) box by box and level by level, for one image."""
+    n = anchors.shape[0]
+    assigned_iou = torch.full((n,), -1.0)
+    out = torch.full((n,), -1, dtype=torch.int64)
+    if gt.shape[0] == 0:
+        return out
+    iou = box_iou(gt, anchors)
+    ac = (anchors[:, :2] + anchors[:, 2:]) / 2
+    for g in range(gt.shape[0]):
+        gc = (gt[g, :2] + gt[g, 2:]) / 2
+        cand, start = [], 0
+        for count in per_level:
+            d = ((ac[start:start + count] - gc) ** 2).sum(1)
+            cand += (d.argsort(stable=True)[:topk] + start).tolist()
+            start += count
+        c = torch.tensor(cand)
+        thr = iou[g, c].mean() + iou[g, c].std()
+        pos = [i for i in cand if iou[g, i] >= thr and bool((ac[i] > gt[g, :2]).all() and (ac[i] < gt[g, 2:]).all())]
+        if not pos:  # the low-quality fallback: the best anchor of the box
+            pos = [int(iou[g].argmax())]
+        for i in pos:
+            if iou[g, i] > assigned_iou[i]:
+                assigned_iou[i], out[i] = iou[g, i], g
+    return out
+
+
+def test_atss_matching_equals_the_papers_algorithm():
+    sizes = [[12, 15, 19], [24, 30, 38], [48, 60, 76]]
+    feats = [(16, 16), (8, 8), (4, 4)]
+    anchors = AnchorGenerator(sizes)((128, 128), feats)
+    per_level = [h * w * 9 for h, w in feats]
+    g = torch.Generator().manual_seed(3)
+    xy = torch.rand(6, 2, generator=g) * 100
+    wh = torch.exp(torch.rand(6, 2, generator=g) * 3.0 + 1.5)  # 4.5 to 90 px
+    boxes = torch.cat([xy, (xy + wh).clamp(max=128)], 1)
+    targets = [{"boxes": boxes[:4], "labels": torch.tensor([0, 1, 2, 0])},
+               # 9 x 8 px with a cell centre inside; 5 x 5 px between the centres (the fallback)
+               {"boxes": torch.tensor([[35.0, 36, 44, 44], [49, 49, 54, 54]]), "labels": torch.tensor([1, 2])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    gt, _, valid = pad_targets(targets)
+    ours = match_anchors_atss(gt, valid, anchors, per_level, topk=9)
+    for i, t in enumerate(targets):
+        torch.testing.assert_close(ours[i], _atss_reference(t["boxes"], anchors, per_level, 9))
+    assert bool((ours[2] == -1).all())  # no boxes: all background, nothing ignored
+    # the tiny box gets several positives where the 0.5 IoU rule gives it its best anchor only
+    iou_rule = match_anchors(gt, valid, anchors)
+    assert int((ours[1] == 0).sum()) > int((iou_rule[1] == 0).sum()) >= 1
+    assert int((ours[1] == 1).sum()) >= 1  # every box gets a positive
+    assert not bool((ours == -2).any())
+
+
+def test_atss_detector_trains_and_checks_its_arguments():
+    torch.manual_seed(0)
+    model = _resnet18_detector(frozen_bn=False, trainable_stages=5, matcher="atss", box_loss="giou",
+                               head_norm="gn").train()
+    images, targets = _synthetic()
+    losses = model(images, targets)
+    assert all(bool(torch.isfinite(v)) and float(v) > 0 for v in losses.values())
+    sum(losses.values()).backward()
+    # the same losses from the pieces the training engine calls (anchors_per_level passed or derived)
+    b, tg = model.transform(images, targets)
+    levels = model.net.pyramid(b.tensor)
+    cls, box = model.net.head(levels)
+    anchors, per_level = model.anchors_for(b.tensor, levels)
+    a = model.compute_loss(cls, box, anchors, tg, anchors_per_level=per_level)
+    c = model.compute_loss(cls, box, anchors, tg, levels=levels)
+    for k in a:
+        torch.testing.assert_close(a[k], losses[k])
+        torch.testing.assert_close(c[k], losses[k])
+    with pytest.raises(ValueError, match="matcher must be"):
+        _resnet18_detector(matcher="hungarian")
+    with pytest.raises(ValueError, match="atss_topk"):
+        _resnet18_detector(matcher="atss", atss_topk=0)
+
+
 def _resnet18_detector(**kw):
     return create_detector("retinanet", backbone="resnet18", num_classes=3, min_size=128, max_size=128, **kw)
 
@@ -260,6 +336,35 @@ def test_frozen_bn_stages_and_fuse():
     unfrozen = _resnet18_detector(frozen_bn=False, trainable_stages=5)
     assert any(isinstance(m, nn.BatchNorm2d) for m in unfrozen.net.backbone.modules())
     assert all(p.requires_grad for p in unfrozen.parameters())
+
+
+def test_optimize_for_inference_fuses_the_heads_and_keeps_the_outputs():
+    from vertebra.layers.fused import FusedConv, onednn_available
+
+    model = _resnet18_detector(score_thresh=0.0).eval()
+    with torch.no_grad():
+        for m in model.net.head.modules():  # livelier heads than the prior init
+            if isinstance(m, nn.Conv2d):
+                m.weight.normal_(0, 0.03)
+    fast = vertebra.optimize_for_inference(model)
+    towers = [blk[0] for t in (fast.net.head.cls_tower, fast.net.head.box_tower) for blk in t]
+    assert all(isinstance(c, FusedConv) and c.relu for c in towers)
+    assert fast.net.channels_last and not any(isinstance(m, FrozenBatchNorm2d) for m in fast.modules())
+    images, _ = _synthetic()
+    with torch.no_grad():
+        x, _ = model.transform(images)
+        c0, b0 = model.net(x.tensor)
+        c1, b1 = fast.net(x.tensor)
+        torch.testing.assert_close(c1, c0, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(b1, b0, atol=2e-4, rtol=1e-4)
+        # the sparse box subnet (a few cells) through the fused towers: the dense result at those cells
+        levels = fast.net.pyramid(x.tensor)
+        bi, ni = torch.tensor([0, 1, 1, 0]), torch.tensor([3, 100, 2000, b0.shape[1] - 1])
+        torch.testing.assert_close(fast.net.head.box_at(levels, bi, ni), b1[bi, ni], atol=2e-4, rtol=1e-4)
+        for o, r in zip(fast(images), model(images)):
+            _same_detections(o, r, atol=1e-2, rtol=1e-4)
+    if onednn_available():
+        assert towers[0]._onednn(x.tensor)
 
 
 class _Stride16(Backbone):

@@ -9,6 +9,12 @@
   matches", torchvision's ``Matcher(allow_low_quality_matches=True)``). Targets are padded to a
   batch ``[B, M, 4]`` with a validity mask, so one image with no boxes is simply an image whose
   anchors are all background.
+- ATSS matching (Zhang et al., "Bridging the Gap Between Anchor-based and Anchor-free Detection via
+  Adaptive Training Sample Selection", CVPR 2020, 1912.02424), an option: per ground-truth box, the
+  ``topk`` anchors of every level whose centres are closest to the box centre are candidates; those
+  whose IoU is at least the candidates' mean + standard deviation, and whose centre lies inside the
+  box, are foreground; every other anchor is background (nothing is ignored). A small box thus gets
+  about as many positives as a large one, where the fixed 0.5 threshold gives it one low-quality match.
 - Focal loss (Sec. 3.2, alpha 0.25, gamma 2), summed and normalised per image by its number of
   foreground anchors (at least 1), then averaged over the batch, as torchvision does.
 """
@@ -28,6 +34,7 @@ __all__ = [
     "decode_boxes",
     "box_iou_batched",
     "match_anchors",
+    "match_anchors_atss",
     "pad_targets",
     "focal_loss_dense",
     "BELOW_LOW_THRESHOLD",
@@ -79,12 +86,14 @@ def box_iou_batched(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """IoU ``[B, M, N]`` of ``boxes1 [B, M, 4]`` and ``boxes2 [N, 4]`` (the anchors, shared)."""
     area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
     area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
-    lt = torch.max(boxes1[..., None, :2], boxes2[None, None, :, :2])
-    rb = torch.min(boxes1[..., None, 2:], boxes2[None, None, :, 2:])
-    wh = (rb - lt).clamp_(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area1[..., None] + area2[None, None, :] - inter
-    return inter / union
+    # x and y apart: four contiguous [B, M, N] passes instead of [B, M, N, 2] ones with a stride-2 inner
+    # axis (several times faster on CPU, where matching is a visible part of a small training step)
+    a1, a2 = boxes1.unsqueeze(-1).unbind(-2), boxes2.t().unbind(0)
+    iw = torch.minimum(a1[2], a2[2]).sub_(torch.maximum(a1[0], a2[0])).clamp_(min=0)
+    ih = torch.minimum(a1[3], a2[3]).sub_(torch.maximum(a1[1], a2[1])).clamp_(min=0)
+    inter = iw.mul_(ih)
+    union = (area1[..., None] + area2).sub_(inter)
+    return inter.div_(union)
 
 
 def pad_targets(targets: list[dict[str, Tensor]], device=None) -> tuple[Tensor, Tensor, Tensor]:
@@ -124,6 +133,42 @@ def match_anchors(gt_boxes: Tensor, valid: Tensor, anchors: Tensor, fg_iou_thres
         claimed = ((iou == best_per_gt) & valid[..., None]).any(dim=1)  # [B, N]
         matches = torch.where(claimed, all_matches, matches)
     return matches
+
+
+def match_anchors_atss(gt_boxes: Tensor, valid: Tensor, anchors: Tensor, anchors_per_level: list[int],
+                       topk: int = 9, allow_low_quality_matches: bool = True) -> Tensor:
+    """ATSS: the matched ground-truth index ``[B, N]`` of every anchor, -1 for background (none ignored).
+
+    ``anchors_per_level``: how many of ``anchors`` (level by level, as the head orders them) belong
+    to each pyramid level. With ``allow_low_quality_matches`` a box none of whose candidates passes
+    (a box smaller than the stride, whose cell centres all miss it) keeps its best-IoU anchor.
+    """
+    iou = box_iou_batched(gt_boxes, anchors)  # [B, M, N]
+    iou = iou.masked_fill_(~valid[..., None], -1.0)
+    gc = (gt_boxes[..., :2] + gt_boxes[..., 2:]) * 0.5  # [B, M, 2]
+    ac = (anchors[:, :2] + anchors[:, 2:]) * 0.5  # [N, 2]
+    dist = (gc[..., None, :] - ac[None, None]).square_().sum(-1)  # [B, M, N]
+    cand, start = [], 0
+    for n in anchors_per_level:  # a handful of levels, not images or boxes
+        k = min(topk, n)
+        cand.append(dist[..., start:start + n].topk(k, dim=-1, largest=False).indices + start)
+        start += n
+    cand = torch.cat(cand, dim=-1)  # [B, M, C]
+    cand_iou = iou.gather(-1, cand)
+    thr = cand_iou.mean(-1, keepdim=True) + cand_iou.std(-1, keepdim=True)  # [B, M, 1]
+    ca = ac[cand]  # [B, M, C, 2]
+    inside = ((ca - gt_boxes[..., None, :2]).amin(-1) > 0) & ((gt_boxes[..., None, 2:] - ca).amin(-1) > 0)
+    ok = (cand_iou >= thr) & inside & valid[..., None]
+    pos = torch.zeros_like(iou, dtype=torch.bool).scatter_(-1, cand, ok)  # [B, M, N]
+    if allow_low_quality_matches:
+        none = valid & ~ok.any(-1)  # [B, M]
+        if bool(none.any()):
+            best = iou.argmax(-1, keepdim=True)  # [B, M, 1]
+            pos.scatter_(-1, best, pos.gather(-1, best) | none[..., None])
+    # an anchor positive for several boxes goes to the one it overlaps most
+    score = torch.where(pos, iou, torch.full_like(iou, -2.0))
+    best_val, matches = score.max(dim=1)  # [B, N]
+    return torch.where(best_val > -2.0, matches, torch.full_like(matches, BELOW_LOW_THRESHOLD))
 
 
 class _FocalNegative(torch.autograd.Function):

@@ -35,7 +35,15 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms, generalized_box_iou_loss
 
 from .anchors import DEFAULT_ASPECT_RATIOS, AnchorGenerator, default_anchor_sizes
-from .boxes import BETWEEN_THRESHOLDS, decode_boxes, encode_boxes, focal_loss_dense, match_anchors, pad_targets
+from .boxes import (
+    BETWEEN_THRESHOLDS,
+    decode_boxes,
+    encode_boxes,
+    focal_loss_dense,
+    match_anchors,
+    match_anchors_atss,
+    pad_targets,
+)
 from .fpn import FPN
 from .frozen import convert_frozen_bn, fold_frozen_bn, fold_frozen_bn_live, freeze_stages
 from .transform import ImageBatch, Preprocess
@@ -79,6 +87,20 @@ class RetinaNetHead(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_probability) / prior_probability))
+
+    def fuse_for_inference(self) -> None:
+        """Inference only (called by ``vertebra.optimize_for_inference``): every tower conv + ReLU runs as
+        one oneDNN call on CPU (``layers.fused.FusedConv``; plain ops elsewhere). The parameter names stay
+        the same; towers with GroupNorm are left as they are."""
+        from ..layers.fused import FusedConv
+
+        if self.norm is not None:
+            return
+        for tower in (self.cls_tower, self.box_tower):
+            for block in tower:
+                if type(block[0]) is nn.Conv2d and len(block) == 2 and isinstance(block[1], nn.ReLU):
+                    block[0] = FusedConv(block[0], relu=True)
+                    block[1] = nn.Identity()
 
     def forward(self, levels: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         k = self.num_classes
@@ -130,6 +152,8 @@ class RetinaNetHead(nn.Module):
             for i, block in enumerate(self.box_tower):
                 conv = block[0]
                 t = F.conv2d(t, conv.weight, conv.bias)
+                if getattr(conv, "relu", False):  # a FusedConv (optimize_for_inference) carries its ReLU
+                    t = F.relu(t)
                 for m in list(block)[1:]:
                     t = m(t)
                 k = i + 1
@@ -291,11 +315,17 @@ class RetinaNet(nn.Module):
 
     def __init__(self, net: RetinaNetNet, anchor_generator: AnchorGenerator, transform: Preprocess,
                  postprocess: Postprocess, fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.4,
-                 focal_alpha: float = 0.25, focal_gamma: float = 2.0, box_loss: str = "l1", name: str | None = None):
+                 focal_alpha: float = 0.25, focal_gamma: float = 2.0, box_loss: str = "l1", name: str | None = None,
+                 matcher: str = "iou", atss_topk: int = 9):
         super().__init__()
         if box_loss not in ("l1", "giou"):
             raise ValueError(f"box_loss must be 'l1' (torchvision v1) or 'giou' (v2), got {box_loss!r}")
+        if matcher not in ("iou", "atss"):
+            raise ValueError(f"matcher must be 'iou' (the paper's 0.5 / 0.4 IoU thresholds) or 'atss', got {matcher!r}")
+        if int(atss_topk) < 1:
+            raise ValueError(f"atss_topk must be >= 1, got {atss_topk}")
         self.box_loss = box_loss
+        self.matcher, self.atss_topk = matcher, int(atss_topk)
         self.transform = transform
         self.net = net
         self.anchor_generator = anchor_generator
@@ -325,11 +355,23 @@ class RetinaNet(nn.Module):
         return anchors, [h * w * n for (h, w), n in zip(sizes, a)]
 
     def compute_loss(self, cls_logits: Tensor, bbox_regression: Tensor | None, anchors: Tensor,
-                     targets: list[dict[str, Tensor]], levels: Sequence[Tensor] | None = None) -> dict[str, Tensor]:
-        """The losses; with ``bbox_regression=None`` the box subnet runs on the foreground cells of ``levels``."""
+                     targets: list[dict[str, Tensor]], levels: Sequence[Tensor] | None = None,
+                     anchors_per_level: Sequence[int] | None = None) -> dict[str, Tensor]:
+        """The losses; with ``bbox_regression=None`` the box subnet runs on the foreground cells of ``levels``.
+
+        ``anchors_per_level`` (from :meth:`anchors_for`) is needed by the ATSS matcher; without it the
+        levels' sizes are taken from ``levels``."""
         b = cls_logits.shape[0]
         gt_boxes, gt_labels, valid = pad_targets(targets, device=cls_logits.device)
-        matches = match_anchors(gt_boxes, valid, anchors, self.fg_iou_thresh, self.bg_iou_thresh)
+        if self.matcher == "atss":
+            if anchors_per_level is None:
+                if levels is None:
+                    raise ValueError("the ATSS matcher needs anchors_per_level (or levels)")
+                a = self.anchor_generator.num_anchors_per_location()
+                anchors_per_level = [int(f.shape[-2] * f.shape[-1]) * n for f, n in zip(levels, a)]
+            matches = match_anchors_atss(gt_boxes, valid, anchors, list(anchors_per_level), self.atss_topk)
+        else:
+            matches = match_anchors(gt_boxes, valid, anchors, self.fg_iou_thresh, self.bg_iou_thresh)
         fg = matches >= 0
         norm = 1.0 / (fg.sum(1).clamp(min=1).to(cls_logits.dtype) * b)  # per image: 1 / (num_fg * B)
         anchor_w = (matches != BETWEEN_THRESHOLDS).to(cls_logits.dtype) * norm[:, None]
@@ -377,13 +419,13 @@ class RetinaNet(nn.Module):
         levels = self.net.pyramid(batch.tensor)
         anchors, per_level = self.anchors_for(batch.tensor, levels)
         if self.training and self.sparse_box_head and self.net.head.norm is None:
-            return self.compute_loss(self.net.head.forward_cls(levels), None, anchors, targets, levels)
+            return self.compute_loss(self.net.head.forward_cls(levels), None, anchors, targets, levels, per_level)
         if not self.training and self.sparse_box_head and self.net.head.norm is None:
             return self.postprocess(self.net.head.forward_cls(levels), self._box_regression_of(levels), anchors,
                                     per_level, batch.image_sizes, batch.original_sizes)
         cls_logits, bbox_regression = self.net.head(levels)
         if self.training:
-            return self.compute_loss(cls_logits, bbox_regression, anchors, targets)
+            return self.compute_loss(cls_logits, bbox_regression, anchors, targets, anchors_per_level=per_level)
         return self.postprocess(cls_logits, bbox_regression, anchors, per_level, batch.image_sizes,
                                 batch.original_sizes)
 
@@ -433,7 +475,8 @@ def build_retinanet(backbone: str | nn.Module = "resnet50", num_classes: int = 9
                     backbone_weights=None, head_norm: str | None = None, fpn_channels: int = 256,
                     p6_from: str = "p5", min_level: int = 3, max_level: int = 7, fg_iou_thresh: float = 0.5,
                     bg_iou_thresh: float = 0.4, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
-                    box_loss: str = "l1", size_divisible: int = 32, backbone_kwargs: dict | None = None) -> RetinaNet:
+                    box_loss: str = "l1", size_divisible: int = 32, backbone_kwargs: dict | None = None,
+                    matcher: str = "iou", atss_topk: int = 9) -> RetinaNet:
     """A RetinaNet on a registered backbone (by name) or on a vertebra Backbone instance."""
     if not 2 <= min_level <= max_level:
         raise ValueError(f"need 2 <= min_level <= max_level, got {min_level}, {max_level}")
@@ -463,4 +506,4 @@ def build_retinanet(backbone: str | nn.Module = "resnet50", num_classes: int = 9
     transform = Preprocess(min_size, max_size, image_mean, image_std, size_divisible)
     post = Postprocess(score_thresh, nms_thresh, detections_per_img, topk_candidates)
     return RetinaNet(net, anchor_gen, transform, post, fg_iou_thresh, bg_iou_thresh, focal_alpha, focal_gamma,
-                     box_loss)
+                     box_loss, matcher=matcher, atss_topk=atss_topk)

@@ -614,8 +614,8 @@ class Trainer:
                 with self._autocast():
                     levels = m.net.pyramid(b.tensor)
                     cls, box = m.net.head(levels)
-                anchors, _ = m.anchors_for(b.tensor, levels)
-                losses = m.compute_loss(cls.float(), box.float(), anchors, targets)
+                anchors, per_level = m.anchors_for(b.tensor, levels)
+                losses = m.compute_loss(cls.float(), box.float(), anchors, targets, anchors_per_level=per_level)
             else:
                 with self._autocast():
                     losses = m(images, targets)

@@ -4,7 +4,8 @@
 arguments follow torchvision's RetinaNet (``min_size=800, max_size=1333, image_mean, image_std,
 score_thresh=0.05, nms_thresh=0.5, detections_per_img=300, topk_candidates=1000``) plus
 ``anchor_sizes, aspect_ratios, trainable_stages=3, frozen_bn=True, backbone_weights, head_norm,
-fpn_channels=256, p6_from="p5", min_level=3, max_level=7`` (see ``retinanet.build_retinanet``).
+fpn_channels=256, p6_from="p5", min_level=3, max_level=7, matcher="iou" | "atss", box_loss="l1" | "giou"``
+(see ``retinanet.build_retinanet``).
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ ReLU], then a 3x3 conv to K*A sigmoid outputs whose bias starts at -log((1 - pi)
 anchors, and an L1 loss on the box codes of the foreground anchors (torchvision's choice; the
 paper uses smooth L1). Inference keeps, per level, the top 1000 candidates scoring above 0.05,
 decodes them and applies class-wise NMS at 0.5, keeping at most ``detections_per_img``.
+``matcher="atss"`` replaces the fixed 0.5 / 0.4 IoU assignment by ATSS (Zhang et al., CVPR 2020,
+1912.02424; see ``boxes.match_anchors_atss``).
 
 The model is three modules: ``transform`` (``Preprocess``: normalise, resize, pad),
 ``net`` (``RetinaNetNet``: tensor in, ``(cls_logits [B, sum(HWA), K], bbox_regression

@@ -37,7 +37,10 @@ Measured 2026-12-01 (same 2-core AMD EPYC, idle: load 1.3 at the start, 2.0 at t
 * per-step speed of this recipe, idle, batch 8 at 256 px (backbone / FPN + heads / loss / backward, ms per step):
   FPN 128: 139 / 68 / 10 / 428 = 12.4 images/s; FPN 64: 133 / 27 / 7 / 348 = 15.5 images/s. ResNet-18 alone
   (fwd + bwd, bf16, channels_last) runs 23 images/s, so the FPN and heads cost about a third of a step.
-* ``--fpn-channels 64``, 15 minutes: 13.7 images/s, 1542 steps, 12,336 images (6.2 epochs); AP50 0.005 / 0.021 /
+* this recipe (FPN 128), 15 minutes: 12.6 images/s, 1423 steps, 11,384 images (5.7 epochs); AP50 0.046 / 0.132 /
+  0.161 / 0.189 / 0.215 at 3 / 6 / 9 / 12 / 15 min; final AP 0.135, AP50 0.215, AP75 0.147 (APs 0.13).
+* ``--fpn-channels 64``, 15 minutes (faster per step, far worse per image: the lighter head does not pay):
+  13.7 images/s, 1542 steps, 12,336 images (6.2 epochs); AP50 0.005 / 0.021 /
   0.073 / 0.120 / 0.133 at 3 / 6 / 9 / 12 / 15 min; final AP 0.064, AP50 0.133, AP75 0.056.
 * 400-step probes (batch 8, cosine over the 400 steps, AP50 on the 300 val images; two probes shared the machine,
   one thread each): this recipe 0.101; lr 4e-3 0.066; lr 1e-3 0.063; anchors 1.0 x stride 0.055; batch 4 for 800

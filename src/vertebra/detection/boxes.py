@@ -160,11 +160,10 @@ def match_anchors_atss(gt_boxes: Tensor, valid: Tensor, anchors: Tensor, anchors
     inside = ((ca - gt_boxes[..., None, :2]).amin(-1) > 0) & ((gt_boxes[..., None, 2:] - ca).amin(-1) > 0)
     ok = (cand_iou >= thr) & inside & valid[..., None]
     pos = torch.zeros_like(iou, dtype=torch.bool).scatter_(-1, cand, ok)  # [B, M, N]
-    if allow_low_quality_matches:
+    if allow_low_quality_matches:  # unconditionally: no host sync to ask whether any box needs it
         none = valid & ~ok.any(-1)  # [B, M]
-        if bool(none.any()):
-            best = iou.argmax(-1, keepdim=True)  # [B, M, 1]
-            pos.scatter_(-1, best, pos.gather(-1, best) | none[..., None])
+        best = iou.argmax(-1, keepdim=True)  # [B, M, 1]
+        pos.scatter_(-1, best, pos.gather(-1, best) | none[..., None])
     # an anchor positive for several boxes goes to the one it overlaps most
     score = torch.where(pos, iou, torch.full_like(iou, -2.0))
     best_val, matches = score.max(dim=1)  # [B, N]

@@ -350,11 +350,15 @@ class RetinaNet(nn.Module):
         return self.net.backbone
 
     # -- pieces -----------------------------------------------------------------------
+    def anchors_per_level(self, levels: Sequence[Tensor]) -> list[int]:
+        """How many anchors each pyramid level has (the head's outputs are ordered level by level)."""
+        a = self.anchor_generator.num_anchors_per_location()
+        return [int(f.shape[-2]) * int(f.shape[-1]) * n for f, n in zip(levels, a)]
+
     def anchors_for(self, batch: Tensor, levels: Sequence[Tensor]) -> tuple[Tensor, list[int]]:
         sizes = [tuple(f.shape[-2:]) for f in levels]
         anchors = self.anchor_generator(tuple(batch.shape[-2:]), sizes, dtype=torch.float32, device=batch.device)
-        a = self.anchor_generator.num_anchors_per_location()
-        return anchors, [h * w * n for (h, w), n in zip(sizes, a)]
+        return anchors, self.anchors_per_level(levels)
 
     def compute_loss(self, cls_logits: Tensor, bbox_regression: Tensor | None, anchors: Tensor,
                      targets: list[dict[str, Tensor]], levels: Sequence[Tensor] | None = None,
@@ -369,8 +373,7 @@ class RetinaNet(nn.Module):
             if anchors_per_level is None:
                 if levels is None:
                     raise ValueError("the ATSS matcher needs anchors_per_level (or levels)")
-                a = self.anchor_generator.num_anchors_per_location()
-                anchors_per_level = [int(f.shape[-2] * f.shape[-1]) * n for f, n in zip(levels, a)]
+                anchors_per_level = self.anchors_per_level(levels)
             matches = match_anchors_atss(gt_boxes, valid, anchors, list(anchors_per_level), self.atss_topk)
         else:
             matches = match_anchors(gt_boxes, valid, anchors, self.fg_iou_thresh, self.bg_iou_thresh)

@@ -165,6 +165,49 @@ def test_coco_eval_matches_pycocotools(shapes):
         assert ours[k] == pytest.approx(float(v), abs=1e-9), k
 
 
+def test_coco_eval_breakdown(shapes):
+    """Per-class AP equals pycocotools run on that class alone; right boxes with wrong classes score 0
+    class-aware and 1 class-agnostic."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    ds = _gt(shapes)
+    k = len(ds.categories)
+    rng = np.random.default_rng(1)
+    preds, wrong, results = {}, {}, []
+    for r in ds.records:
+        b = r.boxes + rng.uniform(-4, 4, r.boxes.shape).astype(np.float32)
+        s = rng.uniform(0.05, 1, len(r.labels)).astype(np.float32)
+        preds[int(r.image_id)] = {"boxes": torch.from_numpy(b), "scores": torch.from_numpy(s),
+                                  "labels": torch.from_numpy(r.labels)}
+        wrong[int(r.image_id)] = {"boxes": torch.from_numpy(r.boxes), "scores": torch.ones(len(r.labels)),
+                                  "labels": torch.from_numpy((r.labels + 1) % k)}
+        for bb, ss, ll in zip(b, s, r.labels):
+            results.append({"image_id": int(r.image_id), "category_id": ds.label_to_category_id[int(ll)],
+                            "bbox": [float(bb[0]), float(bb[1]), float(bb[2] - bb[0]), float(bb[3] - bb[1])],
+                            "score": float(ss)})
+    ours = coco_evaluate(ds, preds, breakdown=True)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(shapes / "annotations" / "instances_val.json"))
+        dt = gt.loadRes(results)
+        for cid in gt.getCatIds():
+            if not gt.getAnnIds(catIds=[cid], imgIds=[int(r.image_id) for r in ds.records]):
+                continue
+            ev = COCOeval(gt, dt, "bbox")
+            ev.params.imgIds = [int(r.image_id) for r in ds.records]
+            ev.params.catIds = [cid]
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+            name = gt.cats[cid]["name"]
+            assert ours[f"AP/{name}"] == pytest.approx(float(ev.stats[0]), abs=1e-9), name
+            assert ours[f"AP50/{name}"] == pytest.approx(float(ev.stats[1]), abs=1e-9), name
+    assert 0.0 < ours["AP_agnostic"] <= 1.0 and 0.0 < ours["AP50_agnostic"] <= 1.0
+    m = coco_evaluate(ds, wrong, breakdown=True)
+    assert m["AP50"] < 0.1 and m["AP50_agnostic"] == pytest.approx(1.0)  # > 0: boxes overlapping a box of that class
+    assert set(m) == set(ours)
+
+
 def test_voc_ap_by_hand():
     # 2 ground-truth boxes; detections by score: TP, FP, TP -> precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1
     rec, prec = np.array([0.5, 0.5, 1.0]), np.array([1.0, 0.5, 2 / 3])
@@ -233,6 +276,10 @@ def test_predict_and_eval_commands(shapes, trained, tmp_path):
     assert _cli(["eval", "--checkpoint", str(ck), "--out", str(out), "--device", "cpu", "--batch", "4"]) == 0
     m = json.loads(out.read_text())["metrics"]
     assert set(m) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"} and m["images"] == 8
+    assert _cli(["eval", "--checkpoint", str(ck), "--out", str(out), "--device", "cpu", "--batch", "4",
+                 "--per-class"]) == 0
+    m = json.loads(out.read_text())["metrics"]
+    assert {"AP_agnostic", "AP50_agnostic", "AP50/circle", "AP/hexagon"} <= set(m)
 
 
 def test_train_command_runs(shapes, tmp_path):

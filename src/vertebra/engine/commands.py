@@ -145,6 +145,8 @@ def register_commands(subparsers: Any) -> None:
     e.add_argument("--amp", nargs="?", const="auto", choices=("auto", "bf16", "fp16"), default=None)
     e.add_argument("--no-ema", action="store_true", help="use the raw weights, not the running average")
     e.add_argument("--voc-metric", action="store_true", help="also Pascal VOC07/VOC12 mAP@0.5")
+    e.add_argument("--per-class", action="store_true",
+                   help="detection: also AP and AP50 of each class and the class-agnostic AP / AP50")
     e.add_argument("--out", default=None, metavar="JSON", help="metrics file (default <checkpoint>.eval.json)")
     e.set_defaults(func=cmd_eval)
 
@@ -289,8 +291,22 @@ def _print_metrics(console, metrics: dict[str, Any], title: str) -> None:
     t.add_column("metric")
     t.add_column("value", justify="right")
     for k, v in metrics.items():
-        if isinstance(v, (int, float)):
+        if isinstance(v, (int, float)) and "/" not in k:
             t.add_row(k, f"{v:.4f}")
+    console.print(t)
+
+
+def _print_per_class(console, metrics: dict[str, Any]) -> None:
+    """The ``AP/<class>`` and ``AP50/<class>`` entries of ``metrics`` as one table, a row per class."""
+    from rich.table import Table
+
+    t = Table(title="per class", header_style="bold")
+    for col in ("class", "AP", "AP50"):
+        t.add_column(col, justify="left" if col == "class" else "right")
+    for k, v in metrics.items():
+        if k.startswith("AP50/"):
+            name = k[len("AP50/"):]
+            t.add_row(name, f"{metrics.get('AP/' + name, float('nan')):.4f}", f"{v:.4f}")
     console.print(t)
 
 
@@ -316,7 +332,8 @@ def cmd_eval(args) -> int:
         batch = args.batch or 8
         if spec["task"] == "det":
             loader = DataLoader(ds, batch_size=batch, num_workers=args.workers, collate_fn=collate_detection)
-            metrics = evaluate_detector(model, loader, ds, device, amp, voc=is_voc or args.voc_metric)
+            metrics = evaluate_detector(model, loader, ds, device, amp, voc=is_voc or args.voc_metric,
+                                        breakdown=args.per_class)
         else:
             loader = DataLoader(ds, batch_size=batch, num_workers=args.workers, collate_fn=collate_classification)
             metrics = evaluate_classifier(model, loader, device, amp)
@@ -325,6 +342,8 @@ def cmd_eval(args) -> int:
         return EXIT_ERROR
     metrics["images"] = len(ds)
     _print_metrics(console, metrics, f"{args.checkpoint} on {getattr(ds, 'name', getattr(ds, 'root', ''))}")
+    if any(k.startswith("AP50/") for k in metrics):
+        _print_per_class(console, metrics)
     skipped = getattr(ds, "skipped", None)
     if skipped:
         console.print(f"skipped {sum(skipped.values())}: {dict(skipped)}")

@@ -50,11 +50,17 @@ def detections_to_coco(predictions: dict[int, dict[str, Any]], label_to_category
     return out
 
 
-def coco_evaluate(dataset, predictions: dict[int, dict[str, Any]], *, verbose: bool = False) -> dict[str, float]:
+def coco_evaluate(dataset, predictions: dict[int, dict[str, Any]], *, verbose: bool = False,
+                  breakdown: bool = False) -> dict[str, float]:
     """COCO box AP, AP50, AP75, AP small / medium / large of ``predictions`` on ``dataset`` (pycocotools).
 
     Only the dataset's images are evaluated (``params.imgIds``). Returns -1 for a figure with no ground
     truth (pycocotools' convention).
+
+    ``breakdown``: also where the AP is lost, from the same evaluation: ``AP/<class>`` and ``AP50/<class>``
+    for every category, and ``AP_agnostic`` / ``AP50_agnostic``, the class-agnostic figures (pycocotools
+    with ``useCats=0``: a box counts when it finds an object of any class). A large gap between AP50 and
+    AP50_agnostic says the detector finds the objects but confuses their classes.
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -77,8 +83,13 @@ def coco_evaluate(dataset, predictions: dict[int, dict[str, Any]], *, verbose: b
                 return lab + 1
     img_ids = [int(r.image_id) for r in dataset.records]
     results = detections_to_coco({k: v for k, v in predictions.items() if k in set(img_ids)}, map_label)
-    if not results:
-        return {k: 0.0 for k in COCO_METRICS}
+    if not results:  # no detection at all: every figure is 0
+        out = {k: 0.0 for k in COCO_METRICS}
+        if breakdown:
+            for c in gt.cats.values():
+                out[f"AP/{c.get('name', c['id'])}"] = out[f"AP50/{c.get('name', c['id'])}"] = 0.0
+            out["AP_agnostic"] = out["AP50_agnostic"] = 0.0
+        return out
     with contextlib.redirect_stdout(sink):
         dt = gt.loadRes(results)
         ev = COCOeval(gt, dt, "bbox")
@@ -86,9 +97,35 @@ def coco_evaluate(dataset, predictions: dict[int, dict[str, Any]], *, verbose: b
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
+    out = {k: float(v) for k, v in zip(COCO_METRICS, ev.stats[:6])}
+    if breakdown:
+        out.update(_per_class_ap(ev, gt))
+        with contextlib.redirect_stdout(sink):
+            agn = COCOeval(gt, dt, "bbox")
+            agn.params.imgIds = img_ids
+            agn.params.useCats = 0
+            agn.evaluate()
+            agn.accumulate()
+            agn.summarize()
+        out["AP_agnostic"], out["AP50_agnostic"] = float(agn.stats[0]), float(agn.stats[1])
     if verbose:
         print(sink.getvalue())
-    return {k: float(v) for k, v in zip(COCO_METRICS, ev.stats[:6])}
+    return out
+
+
+def _per_class_ap(ev, gt) -> dict[str, float]:
+    """AP and AP50 of each category from an accumulated COCOeval (all areas, 100 detections per image)."""
+    prec = ev.eval["precision"]  # [T iou thresholds, R recall points, K classes, A areas, M max dets]
+    a, m = list(ev.params.areaRngLbl).index("all"), len(ev.params.maxDets) - 1
+    t50 = int(np.argmin(np.abs(np.asarray(ev.params.iouThrs) - 0.5)))
+    out: dict[str, float] = {}
+    for k, cid in enumerate(ev.params.catIds):
+        name = gt.cats[cid].get("name", str(cid))
+        p = prec[:, :, k, a, m]
+        p50 = p[t50]
+        out[f"AP/{name}"] = float(p[p > -1].mean()) if (p > -1).any() else -1.0
+        out[f"AP50/{name}"] = float(p50[p50 > -1].mean()) if (p50 > -1).any() else -1.0
+    return out
 
 
 # --------------------------------------------------------------------------------------------- Pascal VOC
@@ -234,8 +271,10 @@ def predict_detections(model: nn.Module, loader: Iterable, device: torch.device 
 
 
 def evaluate_detector(model: nn.Module, loader: Iterable, dataset, device="cpu", amp: str | None = None,
-                      voc: bool = False, progress=None, distributed: bool = False) -> dict[str, float]:
-    """COCO metrics (and VOC07 / VOC12 mAP@0.5 when ``voc``) of a detector on ``dataset``. ``distributed``:
+                      voc: bool = False, progress=None, distributed: bool = False,
+                      breakdown: bool = False) -> dict[str, float]:
+    """COCO metrics (and VOC07 / VOC12 mAP@0.5 when ``voc``; per class and class-agnostic with ``breakdown``:
+    see :func:`coco_evaluate`) of a detector on ``dataset``. ``distributed``:
     ``loader`` covers this process's share of ``dataset``; the metrics are over every process's share."""
     from .distributed import all_gather_object, broadcast_object, is_main_process
 
@@ -247,7 +286,7 @@ def evaluate_detector(model: nn.Module, loader: Iterable, dataset, device="cpu",
         parts = [list(p.items()) for p in all_gather_object(preds)]
         preds = {k: v for i in range(max(map(len, parts))) for part in parts if i < len(part) for k, v in [part[i]]}
     if not distributed or is_main_process():
-        metrics = coco_evaluate(dataset, preds)
+        metrics = coco_evaluate(dataset, preds, breakdown=breakdown)
         if voc:
             metrics["mAP50_voc07"] = voc_evaluate(dataset, preds, use_07_metric=True)["mAP"]
             metrics["mAP50_voc12"] = voc_evaluate(dataset, preds, use_07_metric=False)["mAP"]

@@ -721,10 +721,11 @@ class Trainer:
         return DataLoader(ds, batch_size=self.cfg.batch, shuffle=False, num_workers=self.cfg.workers,
                           collate_fn=collate)
 
-    def evaluate(self) -> dict[str, float]:
-        """The validation metrics. With several processes each evaluates its share of the set with rank 0's
-        BatchNorm statistics (and running average), rank 0 computes the metrics from every rank's predictions
-        and every rank returns them: the numbers of one process evaluating the checkpoint."""
+    def evaluate(self, breakdown: bool = False) -> dict[str, float]:
+        """The validation metrics (detection with ``breakdown``: also per class and class-agnostic, see
+        :func:`~vertebra.engine.evaluate.coco_evaluate`). With several processes each evaluates its share of
+        the set with rank 0's BatchNorm statistics (and running average), rank 0 computes the metrics from
+        every rank's predictions and every rank returns them: the numbers of one process evaluating the checkpoint."""
         if self.val_set is None:
             return {}
         dist = self.world_size > 1
@@ -736,7 +737,7 @@ class Trainer:
         with ctx:
             if self.cfg.task == "det":
                 m = evaluate_detector(self.model, self._val_loader(), self.val_set, self.device, self.cfg.amp,
-                                      voc=self.voc, distributed=dist)
+                                      voc=self.voc, distributed=dist, breakdown=breakdown)
             else:
                 m = evaluate_classifier(self.model, self._val_loader(), self.device, self.cfg.amp, distributed=dist)
         self.last_eval = m

@@ -86,8 +86,8 @@ def coco_evaluate(dataset, predictions: dict[int, dict[str, Any]], *, verbose: b
     if not results:  # no detection at all: every figure is 0
         out = {k: 0.0 for k in COCO_METRICS}
         if breakdown:
-            for c in gt.cats.values():
-                out[f"AP/{c.get('name', c['id'])}"] = out[f"AP50/{c.get('name', c['id'])}"] = 0.0
+            for cid in sorted(gt.cats):
+                out[f"AP/{_category_name(gt, cid)}"] = out[f"AP50/{_category_name(gt, cid)}"] = 0.0
             out["AP_agnostic"] = out["AP50_agnostic"] = 0.0
         return out
     with contextlib.redirect_stdout(sink):
@@ -113,6 +113,10 @@ def coco_evaluate(dataset, predictions: dict[int, dict[str, Any]], *, verbose: b
     return out
 
 
+def _category_name(gt, cid: int) -> str:
+    return str(gt.cats[cid].get("name", cid))
+
+
 def _per_class_ap(ev, gt) -> dict[str, float]:
     """AP and AP50 of each category from an accumulated COCOeval (all areas, 100 detections per image)."""
     prec = ev.eval["precision"]  # [T iou thresholds, R recall points, K classes, A areas, M max dets]
@@ -120,7 +124,7 @@ def _per_class_ap(ev, gt) -> dict[str, float]:
     t50 = int(np.argmin(np.abs(np.asarray(ev.params.iouThrs) - 0.5)))
     out: dict[str, float] = {}
     for k, cid in enumerate(ev.params.catIds):
-        name = gt.cats[cid].get("name", str(cid))
+        name = _category_name(gt, cid)
         p = prec[:, :, k, a, m]
         p50 = p[t50]
         out[f"AP/{name}"] = float(p[p > -1].mean()) if (p > -1).any() else -1.0

@@ -159,6 +159,9 @@ def register_commands(subparsers: Any) -> None:
     q.add_argument("--score-thresh", type=float, default=0.3)
     q.add_argument("--device", default=None)
     q.add_argument("--no-ema", action="store_true")
+    q.add_argument("--bf16", action="store_true",
+                   help="run the network in bfloat16 (about twice as fast on CPUs with bf16 instructions; scores "
+                        "agree with float32 to about 2 decimals, boxes and NMS stay float32)")
     q.set_defaults(func=cmd_predict)
 
 
@@ -416,7 +419,10 @@ def predict_images(model, state: dict[str, Any], paths: list[str], out_dir: Path
 
 
 def cmd_predict(args) -> int:
+    import torch
+
     from ..data import DataError
+    from ..inference import optimize_for_inference
     from .checkpoint import CheckpointError
     from .models import load_model
 
@@ -424,6 +430,8 @@ def cmd_predict(args) -> int:
     device = _device(args.device)
     try:
         model, state = load_model(args.checkpoint, ema=not args.no_ema, device=device)
+        # BN folded, channels_last, fused conv + ReLU (outputs equal within float rounding); bf16 on request
+        model = optimize_for_inference(model, inplace=True, dtype=torch.bfloat16 if args.bf16 else None)
         results = predict_images(model, state, args.images, Path(args.out), args.score_thresh, device)
     except (CheckpointError, DataError, FileNotFoundError, ValueError) as e:
         err.print(f"[red]error:[/] {e}")

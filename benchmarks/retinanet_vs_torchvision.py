@@ -39,7 +39,9 @@ torchvision; the machine's run-to-run noise is about +-5 %, more for the trainin
      512  inference: end-to-end (fp32)        965.0               661.1   0.69
      512  training step (as built; the channels_last run measured 0.97 here, 0.67-0.78 in earlier runs)
                                              4816.6              4131.4   0.86
-    bf16 detections: 90 of the 100 best float32 ones (same label, IoU >= 0.9), scores within 0.002 (800) / 0.004 (512)
+    bf16 detections (re-measured after the normalisation constants were kept float32): 85 (800) / 92 (512) of the
+    100 best float32 ones (same label, IoU >= 0.9), scores within 0.0015 / 0.0035 (the misses are probably NMS
+    keeping the other of two overlapping boxes of near-equal score, as in the unit test; not checked here)
 
 The float32 network is within 3-4 % of the 0.8 goal, no closer: 98 % of its time is oneDNN convolutions at this
 CPU's float32 ceiling (about 110 GMAC/s), and vertebra runs the same convolutions; what it saves is the frozen
@@ -152,12 +154,10 @@ def lively_heads_(tv: nn.Module, img: list) -> None:
 
 def bf16_agreement(size: int) -> dict:
     """vertebra's bf16 detections against its float32 ones, on one image, with lively class scores."""
-    tv, _ = build(size)
+    tv, vt = build(size)
     img = [torch.rand(3, size, size, generator=torch.Generator().manual_seed(size))]
     lively_heads_(tv, img)
-    vt = create_detector("retinanet", backbone="resnet50", num_classes=91, min_size=size, max_size=size,
-                         frozen_bn=True, trainable_stages=3, p6_from="p5")
-    load_reference_weights(vt, tv.state_dict(), source="torchvision")
+    load_reference_weights(vt, tv.state_dict(), source="torchvision")  # the livelier heads too
     with torch.inference_mode():
         ref = optimize_for_inference(vt)(img)[0]
         low = optimize_for_inference(vt, dtype=torch.bfloat16)(img)[0]

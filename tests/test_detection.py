@@ -362,10 +362,11 @@ def test_optimize_for_inference_fuses_the_heads_and_keeps_the_outputs():
         levels = fast.net.pyramid(x.tensor)
         bi, ni = torch.tensor([0, 1, 1, 0]), torch.tensor([3, 100, 2000, b0.shape[1] - 1])
         torch.testing.assert_close(fast.net.head.box_at(levels, bi, ni), b1[bi, ni], atol=2e-4, rtol=1e-4)
-        # boxes to 0.1 px: the lively box subnet's large log-size offsets (up to the clamp, e^4) amplify the
-        # float32 rounding of the fused convolutions
+        # boxes: the regression tolerance above (2e-4 on the log-size offsets) times the box size (up to the
+        # 128 px image), twice for margin
+        box_tol = 2 * 2e-4 * images.shape[-1]
         for o, r in zip(fast(images), model(images)):
-            _same_detections(o, r, atol=0.1, rtol=1e-4)
+            _same_detections(o, r, atol=box_tol, rtol=1e-4)
     if onednn_available():
         assert towers[0]._onednn(x.tensor)
 
@@ -380,6 +381,7 @@ def test_optimize_for_inference_in_bfloat16_keeps_the_detections():
     fast = vertebra.optimize_for_inference(model, dtype=torch.bfloat16)
     assert fast.net.compute_dtype == torch.bfloat16
     assert all(p.dtype == torch.bfloat16 for p in fast.net.parameters())
+    assert fast.transform.image_mean.dtype == fast.transform.image_std.dtype == torch.float32
     images, _ = _synthetic()
     with torch.no_grad():
         x, _ = model.transform(images)

@@ -250,10 +250,10 @@ def test_optimized_model_in_bfloat16(name):
     with torch.no_grad():
         ref, out = model(x), fast(x)  # a float32 input is cast on the way in, the output comes back float32
     assert out.dtype == torch.float32 and out.shape == ref.shape
-    # bf16 keeps about 3 significant digits per op; over 20-50 layers the logits agree to several per cent
-    # of their scale
-    assert float((out - ref).abs().max()) < 0.15 * float(ref.abs().max())
-    assert float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)) > 0.99
+    # bf16 keeps about 3 significant digits per op; over 20-50 layers the logits agree to a few per cent of
+    # their scale (measured 2-6 %) and point the same way
+    assert float((out - ref).abs().max()) < 0.1 * float(ref.abs().max())
+    assert float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)) > 0.998
     with pytest.raises(ValueError, match="dtype"):
         optimize_for_inference(model, dtype=torch.int8)
 

@@ -148,10 +148,11 @@ def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_l
         m = m.to(memory_format=fmt)
     detector = hasattr(m, "net") and hasattr(m.net, "channels_last")
     if dtype is not None:
-        m = m.to(dtype)
-        if detector:  # RetinaNet: anchors and postprocessing stay float32
+        if detector:  # RetinaNet: only its network; preprocessing, anchors and postprocessing stay float32
+            m.net.to(dtype)
             m.net.compute_dtype = dtype
         else:
+            m = m.to(dtype)
             m.register_forward_pre_hook(_dtype_hook(dtype))
             m.register_forward_hook(_float_output_hook)
     if detector:  # RetinaNet converts inside its network

@@ -119,6 +119,14 @@ class RetinaNetHead(nn.Module):
         return torch.cat([self.cls_logits(self.cls_tower(f)).permute(0, 2, 3, 1).reshape(f.shape[0], -1, k)
                           for f in levels], dim=1)
 
+    def locate(self, sizes: Sequence[tuple[int, int]], ni: Tensor) -> tuple[Tensor, Tensor]:
+        """The pyramid level of each index ``ni`` of the concatenated outputs and its index within that
+        level (cell * A + anchor); ``sizes``: the levels' (H, W)."""
+        counts = torch.tensor([h * w * self.num_anchors for h, w in sizes], device=ni.device)
+        ends = counts.cumsum(0)
+        lvl = torch.bucketize(ni, ends, right=True)
+        return lvl, ni - (ends - counts)[lvl]
+
     def box_at(self, levels: Sequence[Tensor], bi: Tensor, ni: Tensor) -> Tensor:
         """``bbox_regression[bi, ni]`` computed only where it is needed (training: foreground anchors).
 
@@ -132,10 +140,7 @@ class RetinaNetHead(nn.Module):
         a_n = self.num_anchors
         r = len(self.box_tower) + 1
         sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in levels]
-        counts = torch.tensor([h * w * a_n for h, w in sizes], device=ni.device)
-        ends = counts.cumsum(0)
-        lvl = torch.bucketize(ni, ends, right=True)
-        rel = ni - (ends - counts)[lvl]
+        lvl, rel = self.locate(sizes, ni)
         cell, anchor = torch.div(rel, a_n, rounding_mode="floor"), rel % a_n
         out = levels[0].new_zeros(ni.shape[0], 4) + 0.0 * self.bbox_pred.bias.sum()  # in the graph even if empty
         span = torch.arange(2 * r + 1, device=ni.device)
@@ -450,21 +455,18 @@ class RetinaNet(nn.Module):
         patch_cost = sum((2 * i + 1) ** 2 for i in range(1, r)) / r
 
         def regression(bi: Tensor, ni: Tensor) -> Tensor:
-            counts = torch.tensor([h * w * a_n for h, w in sizes], device=ni.device)
-            ends = counts.cumsum(0)
-            lvl = torch.bucketize(ni, ends, right=True)
+            lvl, rel = head.locate(sizes, ni)
             out = levels[0].new_zeros(ni.shape[0], 4)
             for level, (f, (h, w)) in enumerate(zip(levels, sizes)):
                 sel = (lvl == level).nonzero(as_tuple=True)[0]
                 if sel.numel() == 0:
                     continue
-                rel = ni[sel] - (ends[level] - counts[level])
-                cells = torch.unique(bi[sel] * (h * w) + torch.div(rel, a_n, rounding_mode="floor")).numel()
+                cells = torch.unique(bi[sel] * (h * w) + torch.div(rel[sel], a_n, rounding_mode="floor")).numel()
                 if cells * patch_cost < f.shape[0] * h * w:
                     out[sel] = head.box_at(levels, bi[sel], ni[sel])
                 else:
                     dense = head.bbox_pred(head.box_tower(f)).permute(0, 2, 3, 1).reshape(f.shape[0], -1, 4)
-                    out[sel] = dense[bi[sel], rel]
+                    out[sel] = dense[bi[sel], rel[sel]]
             return out
 
         return regression

@@ -554,3 +554,19 @@ def test_box_subnet_at_cells_equals_dense():
             del model.net.head.box_at
         assert _rel(got, box[bi, ni]) < 1e-5
         assert len(calls) == 1 and calls[0].tolist() == [5, 77, 1000]
+
+
+def test_preprocess_size_override_scales_images_boxes_and_max_size():
+    from vertebra.detection.transform import Preprocess
+
+    pre = Preprocess(min_size=256, max_size=400).train()
+    images = torch.rand(2, 3, 200, 300)
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 110.0, 180.0]]), "labels": torch.tensor([1])}] * 2
+    full, t_full = pre(images, targets)
+    half, t_half = pre(images, targets, size=128)  # max_size follows: 400 * 128 / 256 = 200
+    assert full.image_sizes == [(256, 384)] * 2 and half.image_sizes == [(128, 192)] * 2
+    assert half.tensor.shape[-2:] == (128, 192)  # already a multiple of 32
+    torch.testing.assert_close(t_half[0]["boxes"], t_full[0]["boxes"] / 2)
+    capped, _ = pre(torch.rand(1, 3, 100, 400), size=128)  # the longer side is capped at the scaled 200
+    assert capped.image_sizes == [(50, 200)]
+    assert half.original_sizes == [(200, 300)] * 2

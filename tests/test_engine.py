@@ -410,3 +410,80 @@ def test_rmsprop_aux_heads_step_schedule(tmp_path):
     assert n == 4 and float(total.detach()) > float(parts["main"])  # the auxiliary losses are added
     s = t.fit()
     assert s["steps"] == 2
+
+
+def test_progressive_resizing_sizes_and_boxes(shapes, tmp_path):
+    # 2 epochs of 16 train images at batch 4 = 8 steps: 64 px for the first half, then the run's own 96 px; the
+    # ground-truth boxes are scaled with the images
+    cfg = det_config(shapes, tmp_path / "prog", progressive=[[64, 0.5]], eval_every=100)
+    t = Trainer(cfg)
+    seen: list[tuple[int, int]] = []
+    boxes_max: list[float] = []
+    orig_pyramid = t.model.net.pyramid
+
+    def pyramid(x):
+        seen.append(tuple(x.shape[-2:]))
+        return orig_pyramid(x)
+
+    t.model.net.pyramid = pyramid
+    orig_loss = t.model.compute_loss
+
+    def compute_loss(cls, box, anchors, targets, **kw):
+        boxes_max.append(max((float(tg["boxes"].max()) for tg in targets if len(tg["boxes"])), default=0.0))
+        return orig_loss(cls, box, anchors, targets, **kw)
+
+    t.model.compute_loss = compute_loss
+    s = t.fit()
+    assert s["steps"] == 8
+    train_seen = seen[:8]  # then the evaluation at the run's size
+    assert train_seen == [(64, 64)] * 4 + [(96, 96)] * 4
+    assert all(b <= 64 for b in boxes_max[:4]) and max(boxes_max[4:]) > 64
+    assert all(sz == (96, 96) for sz in seen[8:])  # evaluation is at the run's own size
+    assert t.train_size() is None and t.schedule_fraction() == 1.0
+
+
+def test_progressive_config_and_cli_errors():
+    from vertebra.engine.commands import _progressive
+
+    assert _progressive("128:0.5,192:0.75") == [[128, 0.5], [192, 0.75]]
+    with pytest.raises(argparse.ArgumentTypeError, match="SIZE:UNTIL"):
+        _progressive("128")
+    with pytest.raises(argparse.ArgumentTypeError, match="'x:0.5'"):
+        _progressive("128:0.2,x:0.5")
+    for bad, msg in (([[128, 0.5], [192, 0.4]], "until must increase"), ([[8, 0.5]], "size must be an integer"),
+                     ([[128, 1.5]], "until must increase"), ([[128]], "pair")):
+        with pytest.raises(ValueError, match=msg):
+            TrainConfig(size=256, progressive=bad).validate()
+    with pytest.raises(ValueError, match="max_minutes"):
+        TrainConfig(schedule_on_time=True).validate()
+    cfg = TrainConfig(size=256, progressive=[[128, 0.5], [192, 0.75]])
+    assert [cfg.progressive_size(f) for f in (0.0, 0.49, 0.5, 0.74, 0.75, 1.0)] == [128, 128, 192, 192, None, None]
+
+
+def test_progressive_resizing_classification(tmp_path):
+    folder = _color_folder(tmp_path / "folder")
+    cfg = TrainConfig(task="cls", folder=str(folder), backbone="resnet18", size=64, batch=4, epochs=2,
+                      optimizer="adamw", lr=1e-3, out=str(tmp_path / "c"), progress=False, log_every=1, threads=1,
+                      progressive=[[32, 0.5]], eval_every=100)
+    t = Trainer(cfg)
+    seen = []
+    t.model.register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape[-2:])) if mod.training
+                                      else None)
+    s = t.fit()
+    assert s["steps"] == 8
+    assert seen == [(32, 32)] * 4 + [(64, 64)] * 4
+
+
+def test_train_command_parses_progressive_and_time_schedule():
+    from vertebra.engine.commands import config_from_args
+
+    p = argparse.ArgumentParser(prog="vertebra")
+    register_commands(p.add_subparsers(dest="cmd"))
+    args = p.parse_args(["train", "--max-minutes", "15", "--schedule-on-time", "--progressive", "128:0.6,192:0.8",
+                         "--device", "cpu"])
+    cfg = config_from_args(args)
+    assert cfg.schedule_on_time and cfg.max_minutes == 15 and cfg.progressive == [[128, 0.6], [192, 0.8]]
+    cfg.validate()
+    with contextlib.redirect_stderr(io.StringIO()) as err, pytest.raises(SystemExit):
+        p.parse_args(["train", "--progressive", "128-0.6"])
+    assert "SIZE:UNTIL" in err.getvalue()

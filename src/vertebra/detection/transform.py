@@ -64,9 +64,9 @@ class Preprocess(nn.Module):
             return random.choice(self.min_size)
         return self.min_size[-1]
 
-    def _resize(self, x: Tensor, size: int) -> Tensor:
+    def _resize(self, x: Tensor, size: int, max_size: int) -> Tensor:
         h, w = x.shape[-2:]
-        scale = min(size / min(h, w), self.max_size / max(h, w))
+        scale = min(size / min(h, w), max_size / max(h, w))
         return F.interpolate(x, scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
                              align_corners=False)
 
@@ -81,7 +81,10 @@ class Preprocess(nn.Module):
         ph, pw = int(math.ceil(h / d) * d) - h, int(math.ceil(w / d) * d) - w
         return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
 
-    def forward(self, images, targets: list[dict[str, Tensor]] | None = None) -> tuple[ImageBatch, list | None]:
+    def forward(self, images, targets: list[dict[str, Tensor]] | None = None,
+                size: int | None = None) -> tuple[ImageBatch, list | None]:
+        """``size`` replaces ``min_size`` for this call (progressive resizing in training), with
+        ``max_size`` scaled in proportion."""
         if isinstance(images, Tensor):
             if images.dim() == 3:
                 images = images[None]
@@ -98,15 +101,19 @@ class Preprocess(nn.Module):
             same = all(im.shape == images[0].shape for im in images)
             if same:
                 images = torch.stack(images)
-        size = self._target_size()
+        if size is None:
+            size, max_size = self._target_size(), self.max_size
+        else:
+            size = int(size)
+            max_size = max(size, int(round(self.max_size * size / self.min_size[-1])))
         if same:
             orig = [tuple(int(s) for s in images.shape[-2:])] * images.shape[0]
-            x = self._resize(self._normalize(images), size)
+            x = self._resize(self._normalize(images), size, max_size)
             sizes = [tuple(int(s) for s in x.shape[-2:])] * x.shape[0]
             x = self._pad(x)
         else:
             orig = [tuple(int(s) for s in im.shape[-2:]) for im in images]
-            resized = [self._resize(self._normalize(im[None]), size)[0] for im in images]
+            resized = [self._resize(self._normalize(im[None]), size, max_size)[0] for im in images]
             sizes = [tuple(int(s) for s in r.shape[-2:]) for r in resized]
             hmax = max(s[0] for s in sizes)
             wmax = max(s[1] for s in sizes)

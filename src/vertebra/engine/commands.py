@@ -57,6 +57,21 @@ def _add_data_args(p: argparse.ArgumentParser, *, for_eval: bool = False) -> Non
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 
+def _progressive(text: str) -> list[list[float]]:
+    """``128:0.5,192:0.75`` -> [[128, 0.5], [192, 0.75]] (argparse type of ``--progressive``)."""
+    out = []
+    for part in text.split(","):
+        size, sep, until = part.strip().partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            out.append([int(size), float(until)])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected SIZE:UNTIL pairs like 128:0.5,192:0.75, got {part!r}") \
+                from None
+    return out
+
+
 def _device(arg: str | None) -> str:
     if arg:
         return arg
@@ -96,6 +111,10 @@ def register_commands(subparsers: Any) -> None:
     o.add_argument("--schedule", choices=("cosine", "step", "constant"), default="cosine")
     o.add_argument("--warmup", type=int, default=None, metavar="STEPS", help="linear warm-up steps "
                                                                              "(default min(500, total/10))")
+    o.add_argument("--progressive", type=_progressive, default=[], metavar="SIZE:UNTIL,...",
+                   help="progressive resizing: train at SIZE until the fraction UNTIL of the schedule (of "
+                        "--max-minutes with --schedule-on-time, else of the steps), then the next; the rest at "
+                        "--size. E.g. 128:0.5,192:0.75")
     o.add_argument("--step-epochs", type=int, nargs="*", default=[], help="step schedule: epochs where lr x0.1")
     o.add_argument("--amp", nargs="?", const="auto", choices=("auto", "bf16", "fp16"), default=None,
                    help="mixed precision: bf16 on CPU, fp16 (GradScaler) on CUDA, or as given")
@@ -113,6 +132,9 @@ def register_commands(subparsers: Any) -> None:
     r.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue the run in --out (its last.safetensors) or from CHECKPOINT")
     r.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
+    r.add_argument("--schedule-on-time", action="store_true",
+                   help="with --max-minutes: the lr schedule and --progressive run over the time budget, not "
+                        "the epochs")
     r.add_argument("--max-steps", type=int, default=None)
     r.add_argument("--eval-every", type=int, default=1, metavar="EPOCHS")
     r.add_argument("--eval-every-minutes", type=float, default=None)
@@ -185,10 +207,11 @@ def config_from_args(args) -> Any:
         detector_kwargs=dict(args.detector_kw), head_convs=args.head_convs, channels_last=args.channels_last,
         epochs=args.epochs, batch=args.batch or (8 if task == "det" else 64), lr=args.lr, optimizer=args.optimizer,
         weight_decay=args.weight_decay, schedule=args.schedule, warmup_steps=args.warmup,
-        step_epochs=list(args.step_epochs), clip=args.clip, amp=amp, ema=args.ema,
+        step_epochs=list(args.step_epochs), progressive=list(args.progressive), clip=args.clip, amp=amp, ema=args.ema,
         label_smoothing=args.label_smoothing, aux_weight=args.aux_weight, out=args.out, name=args.name,
         device=device, seed=args.seed, eval_every=args.eval_every, eval_every_minutes=args.eval_every_minutes,
-        save_every=args.save_every, max_minutes=args.max_minutes, max_steps=args.max_steps,
+        save_every=args.save_every, max_minutes=args.max_minutes,
+        schedule_on_time=args.schedule_on_time, max_steps=args.max_steps,
         progress=not args.no_progress, threads=args.threads, accum_steps=args.accum_steps, sync_bn=args.sync_bn,
         lr_scale=args.lr_scale, lr_ref_batch=args.lr_ref_batch, dist_backend=args.dist_backend,
         dist_timeout=args.dist_timeout,

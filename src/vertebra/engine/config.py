@@ -69,6 +69,10 @@ class TrainConfig:
     step_gamma: float = 0.1
     min_lr_ratio: float = 0.0
     schedule_on_time: bool = False  # with max_minutes: the schedule runs over the time budget, not the epochs
+    # progressive resizing: [[size, until], ...] trains at `size` until the fraction `until` of the schedule
+    # (of the time budget with schedule_on_time, else of the steps), then at the next size; after the last
+    # pair at `size`. E.g. [[128, 0.5], [192, 0.75]]: half the run at 128 px, a quarter at 192, the rest at 256.
+    progressive: list[list[float]] = field(default_factory=list)
     clip: float | None = None
     amp: str | None = None  # None | "bf16" | "fp16"
     ema: float | None = None  # decay, e.g. 0.9998
@@ -128,6 +132,18 @@ class TrainConfig:
         if self.epochs < 1 or self.batch < 1 or (self.size is not None and self.size < 16):
             raise ValueError(f"need epochs >= 1, batch >= 1, size >= 16 (got {self.epochs}, {self.batch}, "
                              f"{self.size})")
+        if self.schedule_on_time and not self.max_minutes:
+            raise ValueError("schedule_on_time runs the schedule over the time budget: give max_minutes too")
+        last = 0.0
+        for i, pair in enumerate(self.progressive):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise ValueError(f"progressive[{i}] must be a (size, until) pair, got {pair!r}")
+            sz, until = pair
+            if int(sz) != sz or sz < 16:
+                raise ValueError(f"progressive[{i}]: size must be an integer >= 16, got {sz!r}")
+            if not last < until <= 1.0:
+                raise ValueError(f"progressive[{i}]: until must increase within (0, 1], got {until!r} after {last}")
+            last = until
         if self.accum_steps < 1:
             raise ValueError(f"accum_steps must be >= 1, got {self.accum_steps}")
         if self.lr_scale not in ("none", "linear"):
@@ -160,6 +176,14 @@ class TrainConfig:
         if self.task == "det":
             return 256
         return 32 if self.cifar else 224
+
+    def progressive_size(self, fraction: float) -> int | None:
+        """The training input size at ``fraction`` (0..1) of the schedule under ``progressive``; None when
+        it is the run's own size."""
+        for sz, until in self.progressive:
+            if fraction < until:
+                return None if int(sz) == self.resolved_size() else int(sz)
+        return None
 
     def resolved_lr(self) -> float:
         if self.lr is not None:

@@ -409,6 +409,9 @@ class Trainer:
                          "size": size, "mean": info["mean"], "std": info["std"]}
         self.voc = bool(info.get("voc"))
         self.model = build_model(self.spec, None if ck else cfg.backbone_weights).to(self.device)
+        if cfg.progressive and cfg.task == "det" and not hasattr(self.model, "transform"):
+            raise ValueError(f"progressive resizing needs a detector with a Preprocess transform; "
+                             f"{type(self.model).__name__} has none")
         if cfg.sync_bn and self.world_size > 1:
             # torch's kernel on CUDA; ours (two all-reduces per layer) on CPU, where torch's has none
             convert = nn.SyncBatchNorm.convert_sync_batchnorm if self.device.type == "cuda" else convert_sync_batchnorm
@@ -610,7 +613,7 @@ class Trainer:
             if hasattr(m, "compute_loss") and hasattr(m, "net"):
                 # the network under autocast, the loss (matching, focal loss) in float32
                 m._check_targets(targets)
-                b, targets = m.transform(images, targets)
+                b, targets = m.transform(images, targets, size=self.train_size())
                 with self._autocast():
                     levels = m.net.pyramid(b.tensor)
                     cls, box = m.net.head(levels)
@@ -625,6 +628,10 @@ class Trainer:
         else:
             x, y = batch
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            size = self.train_size()
+            if size is not None:
+                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                                                    antialias=size < x.shape[-1])
             if self.cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with self._autocast():
@@ -638,6 +645,17 @@ class Trainer:
                 parts = {}
             n = len(y)
         return total, parts, n
+
+    def schedule_fraction(self) -> float:
+        """How far the run is through its schedule, 0..1: the time budget used with ``schedule_on_time``, else
+        the steps done."""
+        if self.cfg.schedule_on_time and self.cfg.max_minutes:
+            return min(1.0, self.train_seconds / (60 * self.cfg.max_minutes))
+        return min(1.0, self.step / max(1, self.total_steps))
+
+    def train_size(self) -> int | None:
+        """The input size of the next training step under ``cfg.progressive`` (None: the run's size)."""
+        return self.cfg.progressive_size(self.schedule_fraction()) if self.cfg.progressive else None
 
     def _nonfinite(self, what: str, value: float, parts: dict[str, float]) -> NonFiniteLossError:
         last = self.run_dir / "last.safetensors"

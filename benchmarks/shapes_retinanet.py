@@ -30,6 +30,8 @@ Measured 2026-12-02 (2-core AMD EPYC, idle: load 0.7 at the start, 2.0 at the en
   AP50 0.833, AP75 0.769 (APs 0.644, APm 0.734, APl 0.222); class-agnostic AP50 0.891; per class AP50 0.742
   (hexagon) to 0.892 (cross). 36.8 images/s on average (about 46 at 128 px, 25 at 192, 17 at 256), 4,137 steps,
   33,096 images (16.5 epochs). The raw weights score AP50 0.837.
+* the same with ``--seed 1`` (another initialisation and image order): AP50 0.147 / 0.302 / 0.551 / 0.776 / 0.829
+  at 3 / 6 / 9 / 12 / 15 min; final AP 0.664, AP50 0.829, AP75 0.773; 38.9 images/s, 4,380 steps.
 * the same with ``--progressive 128:0.5,192:0.75 --ema 0.998``: AP50 0.161 / 0.305 / 0.547 / 0.703 / 0.774 at
   3 / 6 / 9 / 12 / 15 min (AP 0.616, AP75 0.712; 33.2 images/s); its raw weights 0.790: a 0.998 average still held
   weights (and BatchNorm statistics) of the 192 px phase, hence the shorter average.

@@ -570,3 +570,23 @@ def test_preprocess_size_override_scales_images_boxes_and_max_size():
     capped, _ = pre(torch.rand(1, 3, 100, 400), size=128)  # the longer side is capped at the scaled 200
     assert capped.image_sizes == [(50, 200)]
     assert half.original_sizes == [(200, 300)] * 2
+
+
+@pytest.mark.parametrize("thresh", [0.05, 0.0])
+def test_postprocess_candidates_equal_a_whole_tensor_search(thresh):
+    # the candidates come from a max over the classes first; they must be those (and in the order) of a
+    # nonzero over every (image, anchor, class), an image with no candidate included
+    g = torch.Generator().manual_seed(1)
+    b, n, k = 3, 500, 7
+    cls = torch.randn(b, n, k, generator=g) * 2 - 5
+    cls[1] = -20.0  # image 1: no score above 0.05
+    box = torch.randn(b, n, 4, generator=g) * 0.1
+    anchors = torch.rand(n, 2, generator=g).mul(100).repeat(1, 2) + torch.tensor([0.0, 0.0, 20.0, 20.0])
+    post = Postprocess(score_thresh=thresh, topk_candidates=10**6)
+    boxes, scores, labels, img = post.candidates(cls, box, anchors, [n], torch.tensor([[128, 128]] * b))
+    keep = torch.sigmoid(cls) > thresh
+    bi, ai, ki = keep.nonzero(as_tuple=True)
+    assert torch.equal(img, bi) and torch.equal(labels, ki)
+    torch.testing.assert_close(scores, torch.sigmoid(cls[bi, ai, ki]), rtol=0, atol=0)
+    assert (thresh > 0) == (int((img == 1).sum()) == 0)
+    assert len(boxes) == len(bi)

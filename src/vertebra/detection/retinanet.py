@@ -256,9 +256,15 @@ class Postprocess(nn.Module):
                    anchors_per_level: Sequence[int], image_sizes: Tensor) -> tuple[Tensor, ...]:
         """Candidates of the whole batch: boxes [C, 4], scores [C], labels [C], image index [C]."""
         b, n, k = cls_logits.shape
-        flat = cls_logits.reshape(b, n * k)
-        bi, j = (flat > self._logit_thresh()).nonzero(as_tuple=True)
-        logits = flat[bi, j].float()  # a bf16 network (optimize_for_inference(dtype=...)): float from here on
+        th = self._logit_thresh()
+        # the anchors with any class above the threshold first (a max over the classes reads the logits once;
+        # nonzero over all B x N x K would cost 3x that), then their classes: the same (image, anchor, class)
+        # order as a nonzero over the whole tensor
+        ba, ai = (cls_logits.amax(-1) > th).nonzero(as_tuple=True)
+        rows = cls_logits[ba, ai]
+        mi, ci = (rows > th).nonzero(as_tuple=True)
+        bi, j = ba[mi], ai[mi] * k + ci
+        logits = rows[mi, ci].float()  # a bf16 network (optimize_for_inference(dtype=...)): float from here on
         scores = torch.sigmoid(logits)
         ok = scores > self.score_thresh
         if not bool(ok.all()):

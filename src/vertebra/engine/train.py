@@ -409,9 +409,11 @@ class Trainer:
                          "size": size, "mean": info["mean"], "std": info["std"]}
         self.voc = bool(info.get("voc"))
         self.model = build_model(self.spec, None if ck else cfg.backbone_weights).to(self.device)
-        if cfg.progressive and cfg.task == "det" and not hasattr(self.model, "transform"):
-            raise ValueError(f"progressive resizing needs a detector with a Preprocess transform; "
-                             f"{type(self.model).__name__} has none")
+        if cfg.progressive and cfg.task == "det" and not (hasattr(self.model, "compute_loss")
+                                                          and hasattr(self.model, "net")):
+            # compute_loss resizes through the RetinaNet path only; any other detector would ignore the sizes
+            raise ValueError(f"progressive resizing needs a RetinaNet-like detector (net, transform, "
+                             f"compute_loss); {type(self.model).__name__} is not one")
         if cfg.sync_bn and self.world_size > 1:
             # torch's kernel on CUDA; ours (two all-reduces per layer) on CPU, where torch's has none
             convert = nn.SyncBatchNorm.convert_sync_batchnorm if self.device.type == "cuda" else convert_sync_batchnorm
@@ -631,7 +633,7 @@ class Trainer:
             size = self.train_size()
             if size is not None:
                 x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                                                    antialias=size < x.shape[-1])
+                                  antialias=size < x.shape[-1])
             if self.cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with self._autocast():

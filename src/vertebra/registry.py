@@ -16,7 +16,18 @@ from dataclasses import dataclass, field
 
 from .reference import facts_for
 
-__all__ = ["BackboneSpec", "register", "list_backbones", "backbone_spec", "get_builder", "create_backbone"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "NORMALIZATION", "BackboneSpec", "register", "list_backbones",
+           "backbone_spec", "get_builder", "create_backbone"]
+
+
+#: the per-channel statistics of each training set, for input normalisation (RGB, 0..1 pixels)
+NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "mnist": ((0.1307,), (0.3081,)),
+}
+IMAGENET_MEAN, IMAGENET_STD = NORMALIZATION["imagenet"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,16 @@ class BackboneSpec:
     source: str = ""
     min_input_size: int = 32
     defaults: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        """The per-channel mean the network's inputs are normalised with (its training set's)."""
+        return NORMALIZATION[self.dataset][0]
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        """The per-channel standard deviation the network's inputs are normalised with."""
+        return NORMALIZATION[self.dataset][1]
 
     @property
     def reference_source(self) -> str | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .anchors import AnchorGenerator
 from .fpn import FPN
-from .retinanet import Postprocess, RetinaNet, RetinaNetHead, RetinaNetNet, build_retinanet
+from .retinanet import Postprocess, RetinaNet, RetinaNetHead, RetinaNetNet, build_retinanet, validate_targets
 from .transform import Preprocess
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "RetinaNetNet",
     "create_detector",
     "list_detectors",
+    "validate_targets",
 ]
 
 _DETECTORS = {"retinanet": build_retinanet}

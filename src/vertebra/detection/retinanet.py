@@ -50,7 +50,8 @@ from .fpn import FPN
 from .frozen import convert_frozen_bn, fold_frozen_bn, fold_frozen_bn_live, freeze_stages
 from .transform import ImageBatch, Preprocess
 
-__all__ = ["RetinaNet", "RetinaNetNet", "RetinaNetHead", "Postprocess", "build_retinanet", "pyramid_strides"]
+__all__ = ["RetinaNet", "RetinaNetNet", "RetinaNetHead", "Postprocess", "build_retinanet", "pyramid_strides",
+           "validate_targets"]
 
 
 def _tower(channels: int, num_convs: int, norm: str | None) -> nn.Sequential:
@@ -321,6 +322,50 @@ class Postprocess(nn.Module):
                 for bx, sc, lb in zip(boxes.split(per_image), scores.split(per_image), labels.split(per_image))]
 
 
+def _device_type(images) -> str:
+    if isinstance(images, Tensor):
+        return images.device.type
+    first = next(iter(images), None)
+    return first.device.type if isinstance(first, Tensor) else "cpu"
+
+
+def _float32(device_type: str):
+    """Autocast off: what runs inside computes in float32 whatever the caller's autocast."""
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def _full(t: Tensor) -> Tensor:
+    """A reduced-precision (autocast) output as float32; float32 / float64 as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def validate_targets(targets, num_classes: int) -> None:
+    """Raise ValueError unless ``targets`` is one ``{"boxes": N x 4 xyxy, "labels": N in [0, num_classes)}``
+    per image with positive-size boxes."""
+    if targets is None:
+        raise ValueError("RetinaNet in train mode needs targets: one {'boxes', 'labels'} per image")
+    for i, t in enumerate(targets):
+        boxes, labels = t.get("boxes"), t.get("labels")
+        if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[-1] != 4:
+            raise ValueError(f"targets[{i}]['boxes'] must be an N x 4 tensor (xyxy), got "
+                             f"{getattr(boxes, 'shape', type(boxes))}")
+        if not isinstance(labels, Tensor) or labels.shape != boxes.shape[:1]:
+            raise ValueError(f"targets[{i}]['labels'] must be a tensor of N = {boxes.shape[0]} class indices")
+    if not targets:
+        return
+    boxes = torch.cat([t["boxes"] for t in targets])
+    labels = torch.cat([t["labels"] for t in targets])
+    if boxes.numel():
+        bad = (boxes[:, 2:] <= boxes[:, :2]).any(1)
+        out = (labels < 0) | (labels >= num_classes)
+        flags = torch.stack((bad.any(), out.any())).tolist()
+        if flags[0]:
+            raise ValueError(f"all boxes need positive width and height (x1 < x2, y1 < y2); found "
+                             f"{boxes[bad][0].tolist()}")
+        if flags[1]:
+            raise ValueError(f"labels must be in [0, {num_classes}), found {labels[out][0].item()}")
+
+
 class RetinaNet(nn.Module):
     """The detector: ``model(images)`` in eval mode gives detections, ``model(images, targets)``
     in train mode the losses ``{"classification", "box_regression"}``.
@@ -409,45 +454,41 @@ class RetinaNet(nn.Module):
         box_loss = (per_anchor * pos_w).sum()
         return {"classification": cls_loss, "box_regression": box_loss}
 
-    def _check_targets(self, targets) -> None:
-        if targets is None:
-            raise ValueError("RetinaNet in train mode needs targets: one {'boxes', 'labels'} per image")
-        for i, t in enumerate(targets):
-            boxes, labels = t.get("boxes"), t.get("labels")
-            if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[-1] != 4:
-                raise ValueError(f"targets[{i}]['boxes'] must be an N x 4 tensor (xyxy), got "
-                                 f"{getattr(boxes, 'shape', type(boxes))}")
-            if not isinstance(labels, Tensor) or labels.shape != boxes.shape[:1]:
-                raise ValueError(f"targets[{i}]['labels'] must be a tensor of N = {boxes.shape[0]} class indices")
-        boxes = torch.cat([t["boxes"] for t in targets])
-        labels = torch.cat([t["labels"] for t in targets])
-        if boxes.numel():
-            bad = (boxes[:, 2:] <= boxes[:, :2]).any(1)
-            out = (labels < 0) | (labels >= self.num_classes)
-            flags = torch.stack((bad.any(), out.any())).tolist()
-            if flags[0]:
-                raise ValueError(f"all boxes need positive width and height (x1 < x2, y1 < y2); found "
-                                 f"{boxes[bad][0].tolist()}")
-            if flags[1]:
-                raise ValueError(f"labels must be in [0, {self.num_classes}), found {labels[out][0].item()}")
+    def _check_targets(self, targets) -> None:  # the engine's old call; goes once engine/ calls forward
+        validate_targets(targets, self.num_classes)
 
     # -- the contract -----------------------------------------------------------------
-    def forward(self, images, targets: list[dict[str, Tensor]] | None = None):
+    def forward(self, images, targets: list[dict[str, Tensor]] | None = None, *, size: int | None = None):
+        """Train mode: the losses ``{"classification", "box_regression"}``; eval mode: the detections.
+
+        ``size`` replaces the preprocessing's ``min_size`` for this call (progressive resizing). Only the
+        network (backbone, FPN, head) runs under a caller's ``torch.autocast``; preprocessing, anchors,
+        matching, the losses and the postprocessing run in float32 with autocast disabled.
+        """
         if self.training:
-            self._check_targets(targets)
-        batch, targets = self.transform(images, targets if self.training else None)
+            validate_targets(targets, self.num_classes)
+        with _float32(_device_type(images)):
+            batch, targets = self.transform(images, targets if self.training else None, size=size)
         levels = self.net.pyramid(batch.tensor)
-        anchors, per_level = self.anchors_for(batch.tensor, levels)
-        if self.training and self.sparse_box_head and self.net.head.norm is None:
-            return self.compute_loss(self.net.head.forward_cls(levels), None, anchors, targets, levels, per_level)
-        if not self.training and self.sparse_box_head and self.net.head.norm is None:
-            return self.postprocess(self.net.head.forward_cls(levels), self._box_regression_of(levels), anchors,
-                                    per_level, batch.image_sizes, batch.original_sizes)
-        cls_logits, bbox_regression = self.net.head(levels)
-        if self.training:
-            return self.compute_loss(cls_logits, bbox_regression, anchors, targets, anchors_per_level=per_level)
-        return self.postprocess(cls_logits, bbox_regression, anchors, per_level, batch.image_sizes,
-                                batch.original_sizes)
+        dev = batch.tensor.device.type
+        sparse = self.sparse_box_head and self.net.head.norm is None and not torch.is_autocast_enabled(dev)
+        if sparse:
+            cls_logits = self.net.head.forward_cls(levels)
+            bbox_regression = None
+        else:
+            cls_logits, bbox_regression = self.net.head(levels)
+        with _float32(dev):
+            anchors, per_level = self.anchors_for(batch.tensor, levels)
+            if self.training:
+                if sparse:
+                    return self.compute_loss(_full(cls_logits), None, anchors, targets, levels, per_level)
+                return self.compute_loss(_full(cls_logits), _full(bbox_regression), anchors, targets,
+                                         anchors_per_level=per_level)
+            if sparse:
+                return self.postprocess(cls_logits, self._box_regression_of(levels), anchors, per_level,
+                                        batch.image_sizes, batch.original_sizes)
+            return self.postprocess(cls_logits, bbox_regression, anchors, per_level, batch.image_sizes,
+                                    batch.original_sizes)
 
     def _box_regression_of(self, levels: Sequence[Tensor]):
         """The box regression of the postprocessing candidates, level by level: the box subnet on the

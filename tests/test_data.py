@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
+from vertebra.cli import main as cli_main
 from vertebra.data import (
     CIFAR,
     CIFAR10,
@@ -32,7 +33,6 @@ from vertebra.data import (
     collate_detection,
     detection_transforms,
     load_shapes,
-    main_shapes,
     read_image,
     write_shapes,
 )
@@ -484,6 +484,10 @@ def test_shapes_deterministic_and_loadable(tmp_path):
     assert len(load_shapes(a, "val")) == 4
 
 
+def main_shapes(argv):
+    return cli_main(["data", "shapes", *argv])
+
+
 def test_shapes_cli_and_existing_dir(tmp_path, capsys):
     out = tmp_path / "s"
     assert main_shapes(["--out", str(out), "--train", "3", "--val", "2", "--size", "64", "--seed", "1"]) == 0
@@ -491,7 +495,7 @@ def test_shapes_cli_and_existing_dir(tmp_path, capsys):
     assert meta["num_train"] == 3 and meta["size"] == 64 and meta["classes"] == list(SHAPE_CLASSES)
     assert len(list((out / "train").glob("*.jpg"))) == 3 and len(list((out / "val").glob("*.jpg"))) == 2
     assert main_shapes(["--out", str(out), "--train", "2"]) == 2
-    assert "--overwrite" in capsys.readouterr().out
+    assert "--overwrite" in capsys.readouterr().err
     assert main_shapes(["--out", str(out), "--train", "2", "--val", "1", "--size", "64", "--overwrite"]) == 0
     assert len(list((out / "train").glob("*.jpg"))) == 2
     other = tmp_path / "other"

@@ -1,48 +1,33 @@
-"""The benchmark's outputs: CSV, JSON, plots and one self-contained HTML report.
+"""The benchmark's outputs: the console table, CSV, JSON, plots and one self-contained HTML report.
 
-Every file is written to a temporary name beside its target and renamed into place, so a
-run that is interrupted never leaves a half-written report.
+Every file is written with :func:`vertebra._io.atomic_write`, so a run that is interrupted never
+leaves a half-written report.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import csv
 import functools
 import html
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from .runner import ROW_COLUMNS
+from .._io import atomic_write
 
-__all__ = ["write_report", "atomic_write_bytes", "atomic_write_text", "plot_paper_chart"]
+__all__ = ["ROW_COLUMNS", "add_peer_ratios", "bench_table", "write_report", "plot_paper_chart"]
 
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is for reading
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+# the columns of a measurement row (results.csv), in order
+ROW_COLUMNS = [
+    "name", "library", "family", "task", "status", "error", "device", "dtype", "layout", "compile",
+    "inference_path", "input", "batch", "params_m", "paper_params_m", "gmacs", "paper_gmacs", "paper_top1_err",
+    "latency_ms", "latency_p90_ms", "throughput_ips", "train_ips", "postprocess_ms", "peak_mem_mb",
+    "model_mem_mb", "achieved_gmacs_per_s", "peak_fraction", "ratio_vs_peer", "peer", "unsupported_ops",
+    "cpu", "cores", "threads", "gpu", "torch", "torchvision", "cuda",
+]
 
 
 def _num(v) -> float | None:
@@ -60,6 +45,53 @@ def rows_to_csv(rows: Sequence[dict]) -> str:
     for r in rows:
         w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in ROW_COLUMNS})
     return buf.getvalue()
+
+
+# -- peer ratios and the console table -----------------------------------------------------
+
+
+def add_peer_ratios(rows: list[dict]) -> None:
+    """Give each successful vertebra row ``ratio_vs_peer`` (its throughput over the fastest successful
+    peer's of the same network) and ``peer`` (that library), in place; rows without a peer are left alone."""
+    for r in rows:
+        if r["library"] != "vertebra" or r["status"] != "ok":
+            continue
+        peers = [p for p in rows if p["name"] == r["name"] and p["library"] != "vertebra" and p["status"] == "ok"]
+        if peers:
+            best = max(peers, key=lambda p: p["throughput_ips"])
+            r["ratio_vs_peer"] = r["throughput_ips"] / best["throughput_ips"]
+            r["peer"] = best["library"]
+
+
+_TABLE = [("name", "network"), ("library", "lib"), ("input", "input"), ("params_m", "params M"),
+          ("gmacs", "GMACs"), ("latency_ms", "lat ms"), ("throughput_ips", "img/s"), ("train_ips", "train img/s"),
+          ("peak_mem_mb", "mem MB"), ("peak_fraction", "of peak"), ("ratio_vs_peer", "vs peer")]
+
+
+def bench_table(rows: Sequence[dict], title: str):
+    """The rows as a ``rich`` table for the console (a failed row says so and stays empty)."""
+    from rich.table import Table
+
+    table = Table(title=title, header_style="bold")
+    for _, head in _TABLE:
+        table.add_column(head, justify="left" if head in ("network", "lib") else "right")
+    for r in rows:
+        if r["status"] != "ok":
+            table.add_row(r["name"], r["library"], "[red]failed[/]", *[""] * (len(_TABLE) - 3))
+            continue
+        cells = []
+        for key, _ in _TABLE:
+            v = r.get(key, "")
+            if key == "peak_fraction" and v != "":
+                cells.append(f"{100 * v:.1f}%")
+            elif key == "ratio_vs_peer" and v != "":
+                cells.append(f"{v:.2f}x")
+            elif isinstance(v, float):
+                cells.append(f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}")
+            else:
+                cells.append(str(v))
+        table.add_row(*cells)
+    return table
 
 
 # -- plots ---------------------------------------------------------------------------------
@@ -91,8 +123,9 @@ def paper_chart_points() -> list[dict]:
 def _paper_chart_points() -> tuple[dict, ...]:
     import torch
 
+    from ..backbone import count_params
     from ..registry import backbone_spec, create_backbone, list_backbones
-    from .measure import count_macs, count_params
+    from .measure import count_macs
 
     pts = []
     for name in list_backbones():
@@ -234,8 +267,8 @@ def write_report(out_dir: Path, rows: list[dict], machine: dict, config: dict, n
     """Write results.csv, results.json, the plots and report.html into ``out_dir``; return the HTML path."""
     out_dir = Path(out_dir)
     notes = list(notes or [])
-    atomic_write_text(out_dir / "results.csv", rows_to_csv(rows))
-    atomic_write_text(out_dir / "results.json",
+    atomic_write(out_dir / "results.csv", rows_to_csv(rows))
+    atomic_write(out_dir / "results.json",
                       json.dumps({"machine": machine, "config": config, "notes": notes, "rows": rows}, indent=1,
                                  default=str))
     plots: dict[str, bytes] = {}
@@ -247,7 +280,7 @@ def write_report(out_dir: Path, rows: list[dict], machine: dict, config: dict, n
         if png is not None:
             plots[key] = png
     for key, png in plots.items():
-        atomic_write_bytes(out_dir / f"{key}.png", png)
+        atomic_write(out_dir / f"{key}.png", png)
     page = out_dir / "report.html"
-    atomic_write_text(page, render_html(rows, machine, config, plots, notes))
+    atomic_write(page, render_html(rows, machine, config, plots, notes))
     return page

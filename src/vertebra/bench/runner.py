@@ -3,6 +3,10 @@
 A child process per (network, library) keeps one model's memory out of the next one's
 figures (the CPU peak is the child's peak resident memory) and keeps a network that crashes
 or runs out of memory from ending the run: its row says what went wrong and the run goes on.
+
+:func:`plan_bench` checks the request and lists the jobs, :func:`run_bench` measures them.
+What is measured follows ``BenchConfig.task``: one :class:`BenchMode` per task (``MODES``),
+the only place that tells the classification benchmark from the detection one.
 """
 
 from __future__ import annotations
@@ -11,11 +15,17 @@ import multiprocessing as mp
 import os
 import queue as queue_mod
 import resource
+import time
 import traceback
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .measure import BenchConfig
+from .report import ROW_COLUMNS, add_peer_ratios
+
+__all__ = ["HEADLINE", "ROW_COLUMNS", "MODES", "BenchMode", "BenchPlan", "BenchRun", "plan_bench", "run_bench",
+           "run_isolated", "headline_names", "peers_of", "base_row", "default_out_dir"]
 
 # one headline variant of each network of the survey, at its paper's input size
 HEADLINE = [
@@ -24,14 +34,6 @@ HEADLINE = [
     "xception", "mobilenet_v1", "resnext50_32x4d", "polynet", "pyramidnet110_a48", "attention56", "densenet121",
     "dpn68", "se_resnet50", "shufflenet_g3", "condensenet74_c4_g4", "mobilenet_v2", "shufflenet_v2_x1_0",
     "nasnet_a_mobile", "amoebanet_a_mobile", "pnasnet5_mobile", "mnasnet_a1",
-]
-
-ROW_COLUMNS = [
-    "name", "library", "family", "task", "status", "error", "device", "dtype", "layout", "compile",
-    "inference_path", "input", "batch", "params_m", "paper_params_m", "gmacs", "paper_gmacs", "paper_top1_err",
-    "latency_ms", "latency_p90_ms", "throughput_ips", "train_ips", "postprocess_ms", "peak_mem_mb",
-    "model_mem_mb", "achieved_gmacs_per_s", "peak_fraction", "ratio_vs_peer", "peer", "unsupported_ops",
-    "cpu", "cores", "threads", "gpu", "torch", "torchvision", "cuda",
 ]
 
 
@@ -65,33 +67,106 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _input_size(name: str, cfg: BenchConfig) -> tuple[int, int, int]:
+    from ..registry import backbone_spec
+
+    spec = backbone_spec(name)
+    return tuple(spec.input_size) if cfg.input is None else (spec.input_size[0], cfg.input, cfg.input)
+
+
+class BenchMode:
+    """What one ``BenchConfig.task`` measures. Subclasses: :class:`ClassificationBench`, :class:`DetectionBench`."""
+
+    #: whether --compare (the torchvision/timm twins) applies
+    compares: bool = True
+
+    def check(self, name: str, cfg: BenchConfig) -> None:
+        """Raise ValueError, before anything runs, on a network this mode cannot measure as configured."""
+
+    def input_label(self, name: str, cfg: BenchConfig) -> str:
+        raise NotImplementedError
+
+    def measure(self, name: str, library: str, cfg: BenchConfig) -> dict:
+        """The row's measured fields (runs in the child process)."""
+        raise NotImplementedError
+
+
+class ClassificationBench(BenchMode):
+    """The backbone as a classifier at its paper's input (or ``cfg.input``); peers are its twins."""
+
+    def check(self, name: str, cfg: BenchConfig) -> None:
+        if cfg.input is None:
+            return
+        import torch
+
+        from ..registry import create_backbone
+
+        with torch.device("meta"):
+            model = create_backbone(name)
+        if cfg.input < model.min_input_size:
+            raise ValueError(f"--input {cfg.input} is below the minimum input of {name} "
+                             f"({model.min_input_size}x{model.min_input_size}); choose a larger --input")
+
+    def input_label(self, name: str, cfg: BenchConfig) -> str:
+        return "x".join(map(str, _input_size(name, cfg)[1:]))
+
+    def measure(self, name: str, library: str, cfg: BenchConfig) -> dict:
+        import torch
+
+        from ..reference.twins import build_twin
+        from ..registry import backbone_spec, create_backbone
+        from .measure import measure_model
+
+        size = _input_size(name, cfg)
+        if library == "vertebra":
+            # fail early with the network's own message on an input below its minimum
+            with torch.device("meta"):
+                create_backbone(name).check_input(torch.empty(1, *size))
+
+            def build():
+                return create_backbone(name)
+        else:
+            num_classes = backbone_spec(name).num_classes
+
+            def build():
+                return build_twin(library, num_classes=num_classes)
+        return measure_model(build, size, cfg, optimize=library == "vertebra" and not cfg.eager)
+
+
+class DetectionBench(BenchMode):
+    """The backbone inside vertebra's RetinaNet at ``cfg.det_size``; no peers."""
+
+    compares = False
+
+    def input_label(self, name: str, cfg: BenchConfig) -> str:
+        return f"{cfg.det_size}x{cfg.det_size}"
+
+    def measure(self, name: str, library: str, cfg: BenchConfig) -> dict:
+        from .measure import measure_detector
+
+        if library != "vertebra":
+            raise ValueError("detection mode measures vertebra's RetinaNet only")
+        return measure_detector(name, cfg)
+
+
+#: ``BenchConfig.task`` -> what it measures
+MODES: dict[str, BenchMode] = {"cls": ClassificationBench(), "det": DetectionBench()}
+
+
+def _mode(cfg: BenchConfig) -> BenchMode:
+    try:
+        return MODES[cfg.task]
+    except KeyError:
+        raise ValueError(f"--task must be one of {', '.join(MODES)}, got {cfg.task!r}") from None
+
+
 def _measure_one(name: str, library: str, cfg_dict: dict) -> dict:
     """Runs inside the child process."""
     import torch
 
-    from ..reference.twins import build_twin
-    from ..registry import backbone_spec, create_backbone
-    from .measure import measure_detector, measure_model
-
     cfg = BenchConfig(**cfg_dict)
-    spec = backbone_spec(name)
-    size = tuple(spec.input_size) if cfg.input is None else (spec.input_size[0], cfg.input, cfg.input)
     torch.manual_seed(0)
-    if cfg.task == "det":
-        if library != "vertebra":
-            raise ValueError("detection mode measures vertebra's RetinaNet only")
-        return measure_detector(name, cfg)
-    if library == "vertebra":
-        # fail early with the network's own message on an input below its minimum
-        with torch.device("meta"):
-            create_backbone(name).check_input(torch.empty(1, *size))
-
-        def build():
-            return create_backbone(name)
-    else:
-        def build():
-            return build_twin(library, num_classes=spec.num_classes)
-    return measure_model(build, size, cfg, optimize=library == "vertebra" and not cfg.eager)
+    return _mode(cfg).measure(name, library, cfg)
 
 
 def _child(name: str, library: str, cfg_dict: dict, out: mp.Queue) -> None:
@@ -136,39 +211,110 @@ def run_isolated(name: str, library: str, cfg: BenchConfig, timeout: float = 900
 
 
 def base_row(name: str, library: str, cfg: BenchConfig, machine: dict) -> dict:
+    """A row with everything known before measuring: the network, the settings and the machine."""
     from ..registry import backbone_spec
 
     spec = backbone_spec(name)
-    size = spec.input_size if cfg.input is None else (spec.input_size[0], cfg.input, cfg.input)
     row = {c: "" for c in ROW_COLUMNS}
     row.update(
         name=name, library=library, family=spec.family, task=cfg.task, device=cfg.device, dtype=cfg.dtype,
         layout="channels_last" if cfg.channels_last else "NCHW", compile=cfg.compile,
         inference_path=("optimized" if library == "vertebra" and not cfg.eager else "eager"),
-        input=("x".join(map(str, size[1:])) if cfg.task == "cls" else f"{cfg.det_size}x{cfg.det_size}"),
-        batch=cfg.batch, paper_params_m=spec.paper_params_m, paper_gmacs=spec.paper_gmacs,
-        paper_top1_err=spec.paper_top1_err, **machine,
+        input=_mode(cfg).input_label(name, cfg), batch=cfg.batch, paper_params_m=spec.paper_params_m,
+        paper_gmacs=spec.paper_gmacs, paper_top1_err=spec.paper_top1_err, **machine,
     )
     return row
 
 
-def validate_names(names: list[str], cfg: BenchConfig) -> None:
-    """Unknown names and inputs below a network's minimum fail before anything runs."""
-    import torch
-
-    from ..registry import backbone_spec, create_backbone
-
-    for n in names:
-        backbone_spec(n)  # KeyError with the closest names
-        if cfg.task == "cls" and cfg.input is not None:
-            with torch.device("meta"):
-                model = create_backbone(n)
-            if cfg.input < model.min_input_size:
-                raise ValueError(f"--input {cfg.input} is below the minimum input of {n} "
-                                 f"({model.min_input_size}x{model.min_input_size}); choose a larger --input")
-
-
 def default_out_dir() -> Path:
-    import time
-
     return Path("reports") / time.strftime("bench-%Y%m%d-%H%M%S")
+
+
+# -- one run ----------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchPlan:
+    """A checked request: the networks, the settings and the (network, library) jobs, in order."""
+
+    names: list[str]
+    cfg: BenchConfig
+    compare: bool
+    jobs: list[tuple[str, str]]
+    notes: list[str] = field(default_factory=list)  # what the run leaves out, and why
+
+
+@dataclass
+class BenchRun:
+    """What :func:`run_bench` measured: the rows (one per job) and what the report says about them."""
+
+    rows: list[dict]
+    machine: dict
+    config: dict
+    notes: list[str]
+
+
+def plan_bench(names: list[str] | None, cfg: BenchConfig, *, family: str | None = None,
+               compare: bool = False) -> BenchPlan:
+    """Check everything that can fail before a measurement: the settings, the names (KeyError with the
+    closest ones), the inputs. ``names`` None or empty: ``family``'s networks, else the headline set."""
+    from ..reference import twins
+    from ..registry import backbone_spec, list_backbones
+    from .measure import check_config
+
+    check_config(cfg)
+    mode = _mode(cfg)
+    if names:
+        names = list(dict.fromkeys(names))
+    elif family:
+        names = list_backbones(family)
+    else:
+        names = headline_names()
+    for n in names:
+        backbone_spec(n)
+        mode.check(n, cfg)
+    notes = []
+    if compare and not mode.compares:
+        raise ValueError(f"--compare measures classification twins; it does not apply to --task {cfg.task}")
+    if compare and not twins.has_timm():
+        notes.append("timm is not installed: the timm twins are left out of the comparison (pip install timm)")
+    jobs = [(n, lib) for n in names for lib in ["vertebra", *(peers_of(n) if compare else [])]]
+    return BenchPlan(names, cfg, compare, jobs, notes)
+
+
+def run_bench(plan: BenchPlan, *, timeout: float = 900.0, threads: int | None = None,
+              on_start: Callable[[str, str], None] | None = None,
+              on_row: Callable[[dict], None] | None = None) -> BenchRun:
+    """Measure the machine's ceiling, then every job of ``plan`` in a process of its own.
+
+    Each row gets its fraction of the ceiling and, with peers, its ratio to the fastest one.
+    ``on_start(name, library)`` and ``on_row(row)`` report progress."""
+    from .measure import machine_info, peak_gmacs_per_s
+
+    cfg = plan.cfg
+    t0 = time.monotonic()
+    machine = machine_info(cfg.device)
+    peak = peak_gmacs_per_s(cfg.device, cfg.dtype)
+    notes = [*plan.notes, f"machine ceiling: {peak:.1f} GMAC/s ({cfg.dtype} large matmul on {cfg.device}, the "
+                          "faster of BLAS and oneDNN on CPU, best of 5)"]
+    rows: list[dict] = []
+    for name, lib in plan.jobs:
+        if on_start is not None:
+            on_start(name, lib)
+        row = base_row(name, lib, cfg, machine)
+        status, payload = run_isolated(name, lib, cfg, timeout=timeout, threads=threads)
+        if status == "ok":
+            row.update(payload, status="ok")
+            ach = row.get("achieved_gmacs_per_s")
+            row["peak_fraction"] = ach / peak if ach and peak else ""
+        else:
+            row.update(status="error", error=payload)
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    add_peer_ratios(rows)
+    config = {"names": " ".join(plan.names), "input": cfg.input or "paper", "batch": cfg.batch,
+              "device": cfg.device, "dtype": cfg.dtype, "layout": "channels_last" if cfg.channels_last else "NCHW",
+              "compile": cfg.compile, "task": cfg.task, "compare": plan.compare,
+              "wall_seconds": round(time.monotonic() - t0, 1)}
+    return BenchRun(rows, machine, config, notes)

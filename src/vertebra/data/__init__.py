@@ -17,7 +17,7 @@ from .common import (
     read_image,
 )
 from .folder import ImageFolder
-from .shapes import SHAPE_CLASSES, add_shapes_parser, load_shapes, main_shapes, render_shapes_image, write_shapes
+from .shapes import SHAPE_CLASSES, load_shapes, render_shapes_image, write_shapes
 from .transforms import classification_transforms, detection_transforms
 from .voc import VOC_CLASSES, VOCDetection, parse_voc_xml
 
@@ -36,7 +36,6 @@ __all__ = [
     "ImageRecord",
     "MissingImageError",
     "VOCDetection",
-    "add_shapes_parser",
     "classification_transforms",
     "collate_classification",
     "collate_detection",
@@ -44,7 +43,6 @@ __all__ = [
     "image_size",
     "load_coco_json",
     "load_shapes",
-    "main_shapes",
     "parse_voc_xml",
     "read_cifar_batch",
     "read_image",

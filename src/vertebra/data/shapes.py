@@ -31,12 +31,10 @@ The set is written to a temporary folder and renamed into place: nothing half-wr
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,8 +51,6 @@ __all__ = [
     "write_shapes",
     "load_shapes",
     "shapes_paths",
-    "add_shapes_parser",
-    "main_shapes",
 ]
 
 SHAPE_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "hexagon")
@@ -401,45 +397,3 @@ def load_shapes(root: str | os.PathLike, split: str = "train", transforms: Calla
         raise FileNotFoundError(f"{ann_file}: not found; write the set first with `vertebra data shapes --out {root}`"
                                 " or vertebra.data.write_shapes")
     return CocoDetection(img_dir, ann_file, transforms, **kwargs)
-
-
-# --------------------------------------------------------------------------------------------- command line
-
-
-def add_shapes_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``shapes`` to an argparse sub-parser set (``vertebra data shapes``); it sets ``func=run_shapes_args``."""
-    p = subparsers.add_parser("shapes", help="write the built-in synthetic detection set (COCO JSON + JPEGs)",
-                              description=(__doc__ or "").split("\n\n")[0])
-    _add_args(p)
-    p.set_defaults(func=run_shapes_args)
-    return p
-
-
-def _add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output folder (must not exist, be empty, or be a shapes set "
-                                                "with --overwrite)")
-    p.add_argument("--train", type=int, default=DEFAULT_NUM_TRAIN,
-                   help=f"training images (default {DEFAULT_NUM_TRAIN})")
-    p.add_argument("--val", type=int, default=DEFAULT_NUM_VAL, help=f"validation images (default {DEFAULT_NUM_VAL})")
-    p.add_argument("--size", type=int, default=DEFAULT_SIZE, help=f"image side in px (default {DEFAULT_SIZE})")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing shapes set in --out")
-
-
-def run_shapes_args(args: argparse.Namespace) -> int:
-    t0 = time.perf_counter()
-    try:
-        out = write_shapes(args.out, args.train, args.val, args.size, args.seed, overwrite=args.overwrite)
-    except (FileExistsError, ValueError) as e:
-        print(f"error: {e}")
-        return 2
-    print(f"wrote {args.train} train + {args.val} val images ({args.size} px, seed {args.seed}) to {out} "
-          f"in {time.perf_counter() - t0:.1f} s")
-    return 0
-
-
-def main_shapes(argv: list[str] | None = None) -> int:
-    """``vertebra data shapes`` as a function: ``main_shapes(["--out", "DIR", "--train", "100"])``."""
-    p = argparse.ArgumentParser(prog="vertebra data shapes", description=(__doc__ or "").split("\n\n")[0])
-    _add_args(p)
-    return run_shapes_args(p.parse_args(argv))

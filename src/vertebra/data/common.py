@@ -58,6 +58,7 @@ __all__ = [
     "DetectionDataset",
     "ImageRecord",
     "SkipLog",
+    "SkippingDataset",
 ]
 
 
@@ -300,7 +301,47 @@ def check_box(
     return (cx1, cy1, cx2, cy2), clipped
 
 
-class DetectionDataset(Dataset):
+class SkippingDataset(Dataset):
+    """A dataset whose ``__getitem__`` loads item ``index`` (:meth:`load_item`) or, with ``skip_bad``, the next one
+    that loads: an :class:`ImageError` is logged and counted in ``skipped`` (``self.log``, a :class:`SkipLog`) and the
+    bad index is not tried again. Subclasses set ``self.skip_bad`` and ``self.log`` and call :meth:`_init_skips`."""
+
+    skip_bad: bool
+    log: SkipLog
+
+    def _init_skips(self) -> None:
+        self._bad_index: set[int] = set()
+
+    @property
+    def skipped(self) -> Counter:
+        return self.log.skipped
+
+    def load_item(self, index: int):
+        raise NotImplementedError
+
+    def __getitem__(self, index: int):
+        n, name = len(self), self.log.name
+        if n == 0:
+            raise IndexError(f"{name}: the dataset is empty")
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"{name}: index {index} out of range for {n} images")
+        for k in range(n):
+            j = (index + k) % n
+            if j in self._bad_index:
+                continue
+            try:
+                return self.load_item(j)
+            except ImageError as e:
+                if not self.skip_bad:
+                    raise
+                self._bad_index.add(j)
+                self.log.skip(e)
+        raise DataError(f"{name}: no image could be loaded ({self.log.summary(what='images')})", "no valid image")
+
+
+class DetectionDataset(SkippingDataset):
     """Base class of the detection sets: holds validated :class:`ImageRecord` s and loads images lazily.
 
     Subclasses parse their format into ``self.records`` and set ``categories`` (names, index = label),
@@ -317,13 +358,9 @@ class DetectionDataset(Dataset):
         self.transforms = transforms
         self.skip_bad = skip_bad
         self.log = SkipLog(name)
-        self._bad_index: set[int] = set()
+        self._init_skips()
 
     # bookkeeping --------------------------------------------------------------------------------------
-    @property
-    def skipped(self) -> Counter:
-        return self.log.skipped
-
     @property
     def clipped(self) -> int:
         return self.log.clipped
@@ -380,31 +417,11 @@ class DetectionDataset(Dataset):
             tgt[k] = torch.from_numpy(v.astype(bool))
         return tgt
 
-    def __getitem__(self, index: int):
-        n = len(self.records)
-        if n == 0:
-            raise IndexError(f"{self.name}: the dataset is empty")
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError(f"{self.name}: index {index} out of range for {n} images")
-        for k in range(n):
-            j = (index + k) % n
-            if j in self._bad_index:
-                continue
-            try:
-                img = self.load_image(j)
-            except ImageError as e:
-                if not self.skip_bad:
-                    raise
-                self._bad_index.add(j)
-                self.log.skip(e)
-                continue
-            tgt = self.target(j)
-            if self.transforms is not None:
-                img, tgt = self.transforms(img, tgt)
-            return img, tgt
-        raise DataError(f"{self.name}: no image could be loaded ({self.log.summary(what='images')})", "no valid image")
+    def load_item(self, index: int):
+        img, tgt = self.load_image(index), self.target(index)
+        if self.transforms is not None:
+            img, tgt = self.transforms(img, tgt)
+        return img, tgt
 
     # evaluation helper --------------------------------------------------------------------------------
     def coco_ground_truth(self) -> dict[str, Any]:

@@ -9,13 +9,10 @@ lazily (EXIF orientation applied); a corrupt or missing one raises an error nami
 from __future__ import annotations
 
 import os
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from torch.utils.data import Dataset
-
-from .common import IMAGE_EXTENSIONS, DataError, ImageError, SkipLog, logger, read_image
+from .common import IMAGE_EXTENSIONS, DataError, SkipLog, SkippingDataset, logger, read_image
 
 __all__ = ["ImageFolder"]
 
@@ -30,7 +27,7 @@ def _walk_images(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
     return out
 
 
-class ImageFolder(Dataset):
+class ImageFolder(SkippingDataset):
     """``root/<class>/<image>`` as (image, label): image a float 0..1 ``tv_tensors.Image`` 3 x H x W, label an int.
 
     Args:
@@ -81,11 +78,7 @@ class ImageFolder(Dataset):
         if empty:
             logger.warning("%s: class folders with no images: %s", self.root, ", ".join(empty))
         self.targets = [lab for _, lab in self.samples]
-        self._bad_index: set[int] = set()
-
-    @property
-    def skipped(self) -> Counter:
-        return self.log.skipped
+        self._init_skips()
 
     @property
     def num_classes(self) -> int:
@@ -98,26 +91,9 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
-        n = len(self.samples)
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError(f"{self.root}: index {index} out of range for {n} images")
-        for k in range(n):
-            j = (index + k) % n
-            if j in self._bad_index:
-                continue
-            path, label = self.samples[j]
-            try:
-                img = read_image(path, exif=True)
-            except ImageError as e:
-                if not self.skip_bad:
-                    raise
-                self._bad_index.add(j)
-                self.log.skip(e)
-                continue
-            if self.transform is not None:
-                img = self.transform(img)
-            return img, label
-        raise DataError(f"{self.root}: no image could be loaded ({self.log.summary(what='images')})", "no valid image")
+    def load_item(self, index: int):
+        path, label = self.samples[index]
+        img = read_image(path, exif=True)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, label

@@ -1,1 +1,2 @@
-"""Benchmarking: ``measure`` (params, MACs, latency, memory) and ``report`` (tables, plots, HTML)."""
+"""Benchmarking: ``measure`` (params, MACs, latency, memory), ``runner`` (the run: one process per network)
+and ``report`` (the console table, CSV/JSON, plots, HTML)."""

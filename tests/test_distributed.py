@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from vertebra.data import CocoDetection, ImageFolder, collate_classification, collate_detection, write_shapes
 from vertebra.data.transforms import classification_transforms, detection_transforms
 from vertebra.engine.checkpoint import load_checkpoint
-from vertebra.engine.config import TrainConfig
+from vertebra.engine.config import DataSource, TrainConfig
 from vertebra.engine.distributed import init_distributed
 from vertebra.engine.evaluate import evaluate_classifier, evaluate_detector
 from vertebra.engine.models import load_model
@@ -89,8 +89,9 @@ def folder(tmp_path_factory):
 
 
 def cls_config(folder, out, **kw) -> TrainConfig:
-    base = dict(task="cls", folder=str(folder), backbone="resnet18", size=32, batch=4, epochs=1, optimizer="sgd",
-                lr=0.05, warmup_steps=0, out=str(out), progress=False, log_every=1, threads=1, device="cpu")
+    base = dict(task="cls", source=DataSource(folder=str(folder)), backbone="resnet18", size=32, batch=4, epochs=1,
+                optimizer="sgd", lr=0.05, warmup_steps=0, out=str(out), progress=False, log_every=1, threads=1,
+                device="cpu")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -164,7 +165,7 @@ def test_accumulation_equals_the_big_batch(folder, tmp_path):
     a.fit()
     b = Trainer(cls_config(folder, tmp_path / "b", batch=4, accum_steps=2, **kw))
     b.fit()
-    assert b.cfg.global_batch == 8 and b.steps_per_epoch == a.steps_per_epoch == 3
+    assert b.plan.global_batch == 8 and b.steps_per_epoch == a.steps_per_epoch == 3
     assert_same_weights(b.model.state_dict(), a.model.state_dict())
     assert_moved(Trainer(cls_config(folder, tmp_path / "c", **kw)).model.state_dict(), a.model.state_dict())
 
@@ -218,7 +219,7 @@ def test_checkpoint_of_two_processes_resumes_in_one(folder, tmp_path):
 
     kw = dict(backbone="lenet5", backbone_kwargs={"in_chans": 3}, epochs=2, eval_every=100, lr=0.01)
     resumed = Trainer(cls_config(folder, tmp_path / "run", max_steps=6, **kw), resume=True)
-    assert (resumed.step, resumed.cfg.batch, resumed.cfg.accum_steps, resumed.cfg.global_batch) == (2, 4, 2, 8)
+    assert (resumed.step, resumed.plan.batch, resumed.plan.accum_steps, resumed.plan.global_batch) == (2, 4, 2, 8)
     resumed.fit()
     ref = Trainer(cls_config(folder, tmp_path / "ref", batch=8, max_steps=6, **kw))
     ref.fit()
@@ -241,7 +242,7 @@ def test_detection_trains_and_distributed_eval_equals_one_process(shapes, tmp_pa
                        "--detector-kw", "score_thresh=0.0", "--detector-kw", "detections_per_img=40",
                        "--optimizer", "adamw", "--lr", "1e-3", "--sync-bn", "--out", str(run)))
     ck = load_checkpoint(run / "last.safetensors")
-    assert ck.state["step"] == 2 and ck.state["config"]["world_size"] == 2
+    assert ck.state["step"] == 2 and ck.state["world_size"] == 2
     dist_metrics = ck.state["last_eval"]  # evaluated by both ranks (3 images each), gathered on rank 0
     model, state = load_model(run / "last.safetensors", ema=False)
     ds = CocoDetection(shapes / "val", shapes / "annotations" / "instances_val.json", detection_transforms(False, 96))
@@ -271,7 +272,7 @@ def test_a_failing_rank_stops_the_job_and_leaves_a_whole_checkpoint(folder, tmp_
     assert "rank 1 of 2" in p.stderr and bad.name in p.stderr, p.stderr[-3000:]
     ck = load_checkpoint(run / "last.safetensors")
     assert ck.state["step"] == 1
-    assert not list(run.glob(".*.tmp-*"))
+    assert not list(run.glob(".*.tmp")) and not list(run.glob(".*.tmp-*"))
 
 
 def _children(pid: int) -> list[int]:
@@ -333,4 +334,4 @@ def test_a_killed_job_resumes_from_its_last_checkpoint(folder, tmp_path):
     assert resumed.step == step
     resumed.fit()
     assert load_checkpoint(run / "last.safetensors").state["step"] == step + 2
-    assert not list(run.glob(".*.tmp-*"))
+    assert not list(run.glob(".*.tmp")) and not list(run.glob(".*.tmp-*"))

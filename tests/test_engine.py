@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from vertebra.cli.train import register
 from vertebra.data import CocoDetection, write_shapes
+from vertebra.data.sources import DataSource
 from vertebra.data.transforms import detection_transforms
 from vertebra.engine.checkpoint import CheckpointError, load_checkpoint
-from vertebra.engine.commands import register_commands
 from vertebra.engine.config import TrainConfig
 from vertebra.engine.evaluate import coco_evaluate, voc_ap, voc_evaluate
 from vertebra.engine.models import load_model
@@ -34,8 +35,9 @@ def shapes(tmp_path_factory):
 
 
 def det_config(shapes, out, **kw) -> TrainConfig:
-    base = dict(data=str(shapes), size=SIZE, backbone=BACKBONE, batch=4, epochs=2, optimizer="adamw", lr=1e-3,
-                detector_kwargs=dict(SMALL_DET), head_convs=1, out=str(out), progress=False, log_every=1,
+    base = dict(source=DataSource(data=str(shapes)), size=SIZE, backbone=BACKBONE, batch=4, epochs=2,
+                optimizer="adamw", lr=1e-3, detector_kwargs=dict(SMALL_DET, head_convs=1), out=str(out),
+                progress=False, log_every=1,
                 augment="none", warmup_steps=0, threads=1)
     base.update(kw)
     return TrainConfig(**base)
@@ -51,8 +53,9 @@ def trained(shapes, tmp_path_factory):
 
 def test_detection_loss_falls_and_run_folder(shapes, tmp_path):
     # overfit 8 images (the val split as a COCO training set): the loss must fall
-    cfg = det_config(shapes, tmp_path / "run", epochs=6, data=None, eval_every=100,
-                     coco_ann=str(shapes / "annotations" / "instances_val.json"), coco_images=str(shapes / "val"))
+    cfg = det_config(shapes, tmp_path / "run", epochs=6, eval_every=100,
+                     source=DataSource(coco_ann=str(shapes / "annotations" / "instances_val.json"),
+                                       coco_images=str(shapes / "val")))
     summary = Trainer(cfg).fit()
     assert summary["steps"] == 12
     rows = [r for r in _csv(tmp_path / "run" / "metrics.csv") if r["kind"] == "train"]
@@ -242,9 +245,9 @@ def test_classification_on_image_folder(tmp_path):
             for i in range(n):
                 arr = np.clip(np.array(col) + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(arr).save(d / f"{i}.png")
-    cfg = TrainConfig(task="cls", folder=str(tmp_path / "folder"), backbone="resnet18", size=32, batch=4, epochs=2,
-                      optimizer="adamw", lr=1e-3, label_smoothing=0.1, ema=0.5, out=str(tmp_path / "cls"),
-                      progress=False, log_every=1, threads=1)
+    cfg = TrainConfig(task="cls", source=DataSource(folder=str(tmp_path / "folder")), backbone="resnet18", size=32,
+                      batch=4, epochs=2, optimizer="adamw", lr=1e-3, label_smoothing=0.1, ema=0.5,
+                      out=str(tmp_path / "cls"), progress=False, log_every=1, threads=1)
     t = Trainer(cfg)
     s = t.fit()
     assert s["steps"] == 8
@@ -256,9 +259,9 @@ def test_classification_on_image_folder(tmp_path):
 
 def _cli(argv):
     p = argparse.ArgumentParser(prog="vertebra")
-    register_commands(p.add_subparsers(dest="cmd"))
+    register(p.add_subparsers(dest="cmd"))
     args = p.parse_args(argv)
-    return args.func(args)
+    return args.handler(args)
 
 
 def test_predict_and_eval_commands(shapes, trained, tmp_path):
@@ -329,7 +332,7 @@ def test_bad_checkpoints_name_the_file(tmp_path, trained):
 
 
 def test_lr_schedule_shapes():
-    from vertebra.engine.train import lr_factor
+    from vertebra.engine.optim import lr_factor
 
     cfg = TrainConfig(epochs=10, warmup_factor=0.0)
     f = [lr_factor(s, cfg, 10, 100, 10) for s in range(100)]
@@ -338,6 +341,10 @@ def test_lr_schedule_shapes():
     cfg = TrainConfig(epochs=10, schedule="step", step_epochs=[5, 8])
     assert lr_factor(49, cfg, 10, 100, 0) == 1.0 and lr_factor(50, cfg, 10, 100, 0) == pytest.approx(0.1)
     assert lr_factor(85, cfg, 10, 100, 0) == pytest.approx(0.01)
+    # the Inception-v3 rule: x0.94 every two epochs, by name or as RMSProp's step schedule
+    for cfg in (TrainConfig(schedule="inception"), TrainConfig(optimizer="rmsprop", schedule="step")):
+        assert cfg.resolved_schedule() == "inception"
+        assert [lr_factor(s, cfg, 10, 100, 0) for s in (0, 19, 20, 45)] == pytest.approx([1, 1, 0.94, 0.94**2])
     assert math.isfinite(lr_factor(0, TrainConfig(optimizer="rmsprop", schedule="step"), 10, 100, 0))
 
 
@@ -398,12 +405,15 @@ def _color_folder(root, n_train=8, n_val=4, px=32):
 
 def test_rmsprop_aux_heads_step_schedule(tmp_path):
     folder = _color_folder(tmp_path / "folder")
-    cfg = TrainConfig(task="cls", folder=str(folder), backbone="googlenet", backbone_kwargs={"aux_logits": True},
+    cfg = TrainConfig(task="cls", source=DataSource(folder=str(folder)), backbone="googlenet",
+                      backbone_kwargs={"aux_logits": True},
                       size=64, batch=4, epochs=2, optimizer="rmsprop", schedule="step", clip=2.0,
                       out=str(tmp_path / "g"), progress=False, log_every=1, threads=1, max_steps=2, eval_every=100)
     t = Trainer(cfg)
-    assert isinstance(t.optimizer, __import__("vertebra.engine.techniques", fromlist=["x"]).RMSpropTF)
-    assert t.aux_weight == pytest.approx(0.3)
+    from vertebra.engine.optim import RMSpropTF
+
+    assert isinstance(t.optimizer, RMSpropTF)
+    assert t.task.aux_weight == pytest.approx(0.3)
     batch = next(iter(t._train_loader(0, 0)))
     t.model.train()
     total, parts, n = t.compute_loss(batch)
@@ -419,20 +429,14 @@ def test_progressive_resizing_sizes_and_boxes(shapes, tmp_path):
     t = Trainer(cfg)
     seen: list[tuple[int, int]] = []
     boxes_max: list[float] = []
-    orig_pyramid = t.model.net.pyramid
 
-    def pyramid(x):
-        seen.append(tuple(x.shape[-2:]))
-        return orig_pyramid(x)
+    def preprocessed(module, args, output):  # the detector's preprocessing: the batch and the scaled targets
+        batch, targets = output
+        seen.append(tuple(batch.tensor.shape[-2:]))
+        if targets is not None:
+            boxes_max.append(max((float(tg["boxes"].max()) for tg in targets if len(tg["boxes"])), default=0.0))
 
-    t.model.net.pyramid = pyramid
-    orig_loss = t.model.compute_loss
-
-    def compute_loss(cls, box, anchors, targets, **kw):
-        boxes_max.append(max((float(tg["boxes"].max()) for tg in targets if len(tg["boxes"])), default=0.0))
-        return orig_loss(cls, box, anchors, targets, **kw)
-
-    t.model.compute_loss = compute_loss
+    t.model.transform.register_forward_hook(preprocessed)
     s = t.fit()
     assert s["steps"] == 8
     train_seen = seen[:8]  # then the evaluation at the run's size
@@ -443,7 +447,8 @@ def test_progressive_resizing_sizes_and_boxes(shapes, tmp_path):
 
 
 def test_progressive_config_and_cli_errors():
-    from vertebra.engine.commands import _progressive
+    from vertebra.cli.train import _progressive
+    from vertebra.engine.optim import progressive_size
 
     assert _progressive("128:0.5,192:0.75") == [[128, 0.5], [192, 0.75]]
     with pytest.raises(argparse.ArgumentTypeError, match="SIZE:UNTIL"):
@@ -456,13 +461,15 @@ def test_progressive_config_and_cli_errors():
             TrainConfig(size=256, progressive=bad).validate()
     with pytest.raises(ValueError, match="max_minutes"):
         TrainConfig(schedule_on_time=True).validate()
-    cfg = TrainConfig(size=256, progressive=[[128, 0.5], [192, 0.75]])
-    assert [cfg.progressive_size(f) for f in (0.0, 0.49, 0.5, 0.74, 0.75, 1.0)] == [128, 128, 192, 192, None, None]
+    prog = [[128, 0.5], [192, 0.75]]
+    assert [progressive_size(prog, f, 256) for f in (0.0, 0.49, 0.5, 0.74, 0.75, 1.0)] == \
+        [128, 128, 192, 192, None, None]
 
 
 def test_progressive_resizing_classification(tmp_path):
     folder = _color_folder(tmp_path / "folder")
-    cfg = TrainConfig(task="cls", folder=str(folder), backbone="resnet18", size=64, batch=4, epochs=2,
+    cfg = TrainConfig(task="cls", source=DataSource(folder=str(folder)), backbone="resnet18", size=64, batch=4,
+                      epochs=2,
                       optimizer="adamw", lr=1e-3, out=str(tmp_path / "c"), progress=False, log_every=1, threads=1,
                       progressive=[[32, 0.5]], eval_every=100)
     t = Trainer(cfg)
@@ -475,10 +482,10 @@ def test_progressive_resizing_classification(tmp_path):
 
 
 def test_train_command_parses_progressive_and_time_schedule():
-    from vertebra.engine.commands import config_from_args
+    from vertebra.cli.train import config_from_args
 
     p = argparse.ArgumentParser(prog="vertebra")
-    register_commands(p.add_subparsers(dest="cmd"))
+    register(p.add_subparsers(dest="cmd"))
     args = p.parse_args(["train", "--max-minutes", "15", "--schedule-on-time", "--progressive", "128:0.6,192:0.8",
                          "--device", "cpu"])
     cfg = config_from_args(args)
@@ -487,3 +494,27 @@ def test_train_command_parses_progressive_and_time_schedule():
     with contextlib.redirect_stderr(io.StringIO()) as err, pytest.raises(SystemExit):
         p.parse_args(["train", "--progressive", "128-0.6"])
     assert "SIZE:UNTIL" in err.getvalue()
+
+
+def test_old_checkpoint_descriptions_load():
+    """Configs and model descriptions written before DataSource / ModelSpec: flat source fields, a top-level
+    head_convs, the derived world_size / global_batch / scaled_lr."""
+    from vertebra.engine.tasks import ModelSpec
+
+    old = {"task": "det", "data": "/d", "voc_val_split": "val", "head_convs": 2, "detector_kwargs": {"fpn_channels": 8},
+           "world_size": 2, "global_batch": 16, "scaled_lr": 0.1, "backbone": "resnet18"}
+    cfg = TrainConfig.from_dict(old)
+    assert cfg.source == DataSource(data="/d", voc_val_split="val")
+    assert cfg.detector_kwargs == {"head_convs": 2, "fpn_channels": 8}
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert DataSource.from_dict(old) == DataSource.from_dict(cfg.to_dict()) == cfg.source
+    spec = ModelSpec.from_dict({"task": "det", "detector": "retinanet", "backbone": "resnet18", "num_classes": 3,
+                                "categories": ["a", "b", "c"], "detector_kwargs": {"min_size": 64},
+                                "head_convs": 1, "size": 64})
+    assert spec.detector_kwargs == {"head_convs": 1, "min_size": 64}
+    assert ModelSpec.from_dict(spec.to_dict()) == spec and "head_convs" not in spec.to_dict()
+    assert spec.describe() == "RetinaNet on resnet18 with 3 classes"
+    with pytest.raises(ValueError, match="task must be one of"):
+        TrainConfig(task="seg").validate()
+    with pytest.raises(ValueError, match="give one data source"):
+        TrainConfig(source=DataSource(data="/a", voc="/b")).validate()

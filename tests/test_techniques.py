@@ -9,17 +9,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vertebra.engine.config import TrainConfig
+from vertebra.engine.optim import RMSpropTF, build_optimizer, lr_factor
 from vertebra.engine.techniques import (
     GOOGLENET_AUX_WEIGHT,
     INCEPTION_V3_AUX_WEIGHT,
-    LabelSmoothingCrossEntropy,
     ModelEma,
-    RMSpropTF,
     aux_loss,
     clip_gradients,
-    inception_rmsprop,
+    default_aux_weight,
     label_smoothing_cross_entropy,
 )
+from vertebra.registry import backbone_spec
 
 
 def test_aux_loss_weights_auxiliary_outputs():
@@ -46,38 +47,34 @@ def test_label_smoothing_matches_definition():
     q = F.one_hot(y, 10).float() * (1 - eps) + eps / 10
     manual = -(q * F.log_softmax(logits, -1)).sum(-1).mean()
     torch.testing.assert_close(label_smoothing_cross_entropy(logits, y, eps), manual)
-    torch.testing.assert_close(LabelSmoothingCrossEntropy(eps)(logits, y),
+    torch.testing.assert_close(label_smoothing_cross_entropy(logits, y, eps),
                                F.cross_entropy(logits, y, label_smoothing=eps))
     # soft (already one-hot) targets give the same; smoothing 0 is plain cross-entropy
     torch.testing.assert_close(label_smoothing_cross_entropy(logits, F.one_hot(y, 10).float(), eps), manual)
     torch.testing.assert_close(label_smoothing_cross_entropy(logits, y, 0.0), F.cross_entropy(logits, y))
     assert label_smoothing_cross_entropy(logits, y, eps, reduction="none").shape == (5,)
     with pytest.raises(ValueError, match="smoothing"):
-        LabelSmoothingCrossEntropy(1.0)
+        label_smoothing_cross_entropy(logits, y, 1.0)
 
 
 def test_inception_rmsprop_paper_settings_and_schedule():
-    p = nn.Parameter(torch.zeros(3))
-    opt, sched = inception_rmsprop([p])
+    # the engine's rmsprop: the paper's RMSProp (decay 0.9, eps 1.0, momentum 0.9), lr 0.045 x batch / 32, and
+    # the named Inception rule (x0.94 every two epochs) for the step schedule
+    cfg = TrainConfig(optimizer="rmsprop", schedule="step", batch=32)
+    opt = build_optimizer(nn.Linear(2, 2), cfg, cfg.resolved_lr())
     assert isinstance(opt, torch.optim.RMSprop) and isinstance(opt, RMSpropTF)
     g = opt.param_groups[0]
     assert (g["lr"], g["alpha"], g["eps"], g["momentum"]) == (0.045, 0.9, 1.0, 0.9)
-    lrs = []
-    for _ in range(6):  # one scheduler step per epoch
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    expected = [0.045 * 0.94 ** (e // 2) for e in range(6)]
-    assert lrs == pytest.approx(expected)
-    # per-iteration stepping: the decay comes every 2 * steps_per_epoch steps
-    opt2, sched2 = inception_rmsprop([nn.Parameter(torch.zeros(1))], steps_per_epoch=5)
-    for _ in range(10):
-        opt2.step()
-        sched2.step()
-    assert opt2.param_groups[0]["lr"] == pytest.approx(0.045 * 0.94)
-    # the stock optimizer: eps moved out of the square root as sqrt(eps)
-    opt3, _ = inception_rmsprop([nn.Parameter(torch.zeros(1))], eps=0.25, tf_style=False)
-    assert type(opt3) is torch.optim.RMSprop and opt3.param_groups[0]["eps"] == pytest.approx(0.5)
+    assert cfg.resolved_schedule() == "inception"
+    lrs = [0.045 * lr_factor(e * 5, cfg, 5, 100, 0) for e in range(6)]  # 5 steps per epoch
+    assert lrs == pytest.approx([0.045 * 0.94 ** (e // 2) for e in range(6)])
+    assert lr_factor(9, cfg, 5, 100, 0) == 1.0 and lr_factor(10, cfg, 5, 100, 0) == pytest.approx(0.94)
+
+
+def test_default_aux_weight_is_the_papers():
+    assert default_aux_weight(backbone_spec("inception_v3")) == INCEPTION_V3_AUX_WEIGHT
+    assert default_aux_weight(backbone_spec("googlenet")) == GOOGLENET_AUX_WEIGHT
+    assert default_aux_weight(backbone_spec("resnet18")) == GOOGLENET_AUX_WEIGHT
 
 
 def test_rmsprop_tf_update_rule():

@@ -8,27 +8,32 @@ A checkpoint ``NAME.safetensors`` holds the tensors under prefixes:
 * ``rng.torch`` / ``rng.cuda.<i>``: the random generators' states.
 
 Its safetensors metadata carries ``{"format": "vertebra-checkpoint", "version": 1, "state": <JSON>}``,
-where the JSON state is the model description (enough to rebuild the model: task, backbone, number of
-classes, categories, detector kwargs), the config, epoch, step, the scheduler position, the optimizer's
-non-tensor state (param groups, scalars), EMA bookkeeping, the Python and NumPy RNG states, the AMP
-scaler and the best metric. The same JSON is written next to it as ``NAME.json`` for people to read;
-the checkpoint itself is self-contained. Both are written to a temporary name and renamed
-(``os.replace``), so a crash never leaves a half-written checkpoint under the real name.
+where the JSON state is a :class:`TrainState`: the model description (a
+:class:`~vertebra.engine.tasks.ModelSpec`, enough to rebuild the model), the config, the position (step,
+epoch, images), the scheduler, the optimizer's non-tensor state (param groups, scalars), EMA bookkeeping,
+the Python and NumPy RNG states, the AMP scaler and the best metric. The same JSON is written next to it as
+``NAME.json`` for people to read; the checkpoint itself is self-contained. Both are written atomically
+(:func:`vertebra._io.atomic_write`), so a crash never leaves a half-written checkpoint under the real name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint", "flatten_optimizer",
-           "unflatten_optimizer", "atomic_write_text"]
+from .._io import atomic_write
+
+__all__ = ["CheckpointError", "Checkpoint", "TrainState", "save_checkpoint", "load_checkpoint", "flatten_optimizer",
+           "unflatten_optimizer", "rng_state", "set_rng_state"]
 
 FORMAT = "vertebra-checkpoint"
 VERSION = 1
@@ -49,19 +54,79 @@ class Checkpoint:
 
     @property
     def model_spec(self) -> dict[str, Any]:
+        """The model description as saved (a dict; :meth:`ModelSpec.from_dict` reads it)."""
         return self.state["model"]
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+@dataclass
+class TrainState:
+    """The JSON state of a training checkpoint (beside its tensors), as :func:`save_checkpoint` writes it."""
+
+    model: dict[str, Any]  # ModelSpec.to_dict()
+    config: dict[str, Any]  # TrainConfig.to_dict()
+    step: int
+    steps_per_epoch: int
+    global_batch: int
+    world_size: int
+    scheduler: dict[str, Any]  # step, warmup, total_steps, base_lrs
+    optimizer: dict[str, Any]  # flatten_optimizer's JSON part
+    rng: dict[str, Any]
+    metric: str
+    best_metric: float | None = None
+    train_seconds: float = 0.0
+    warmup_seconds: float = 0.0
+    last_eval: dict[str, Any] = field(default_factory=dict)
+    ema: dict[str, Any] | None = None  # decay, warmup, num_updates
+    scaler: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("ema", "scaler"):
+            if d[k] is None:
+                del d[k]
+        # the position in images, independent of the number of processes that consumed them
+        d.update(epoch=self.step // self.steps_per_epoch, samples=self.step * self.global_batch,
+                 samples_in_epoch=(self.step % self.steps_per_epoch) * self.global_batch)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainState:
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw.setdefault("global_batch", (d.get("config") or {}).get("global_batch") or 1)
+        kw.setdefault("world_size", (d.get("config") or {}).get("world_size") or 1)
+        kw.setdefault("steps_per_epoch", 1)
+        kw.setdefault("metric", "")
+        kw["last_eval"] = kw.get("last_eval") or {}
+        return cls(**kw)
+
+
+def rng_state(device: torch.device) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Every random generator's state: (tensors for the checkpoint's ``rng.`` group, JSON for the state)."""
+    tensors = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    v, st, gauss = random.getstate()
+    npst = np.random.get_state()
+    js = {"python": [v, list(st), gauss],
+          "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])]}
+    return tensors, js
+
+
+def set_rng_state(tensors: dict[str, Tensor], js: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    if "torch" in tensors:
+        torch.set_rng_state(tensors["torch"].to(torch.uint8))
+    cuda = sorted((int(k.split(".")[1]), v) for k, v in tensors.items() if k.startswith("cuda."))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([v.to(torch.uint8) for _, v in cuda])
+    if "python" in js:
+        v, st, gauss = js["python"]
+        random.setstate((v, tuple(st), gauss))
+    if "numpy" in js:
+        name, keys, pos, has_gauss, cached = js["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
 def _json_default(o: Any):
@@ -103,10 +168,9 @@ def unflatten_optimizer(tensors: dict[str, Tensor], rest: dict[str, Any]) -> dic
 def save_checkpoint(path: str | os.PathLike, groups: dict[str, dict[str, Tensor]], state: dict[str, Any],
                     *, sidecar: bool = True) -> Path:
     """Write ``groups`` (prefix -> tensors) and ``state`` (JSON) as a checkpoint at ``path``, atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     flat: dict[str, Tensor] = {}
     for prefix, tensors in groups.items():
         for k, v in tensors.items():
@@ -114,16 +178,9 @@ def save_checkpoint(path: str | os.PathLike, groups: dict[str, dict[str, Tensor]
             flat[f"{prefix}.{k}"] = v.detach().to("cpu").contiguous().clone()
     text = json.dumps(state, default=_json_default, sort_keys=True)
     meta = {"format": FORMAT, "version": str(VERSION), "state": text}
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    try:
-        save_file(flat, str(tmp), metadata=meta)
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(p, save(flat, metadata=meta))
     if sidecar:
-        atomic_write_text(p.with_suffix(".json"), json.dumps(state, default=_json_default, indent=1,
-                                                             sort_keys=True) + "\n")
+        atomic_write(p.with_suffix(".json"), json.dumps(state, default=_json_default, indent=1, sort_keys=True) + "\n")
     return p
 
 

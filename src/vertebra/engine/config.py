@@ -1,59 +1,43 @@
-"""The training configuration: one flat dataclass, saved as ``config.json`` in the run folder and
-inside every checkpoint, so that a run can be resumed and a checkpoint rebuilt from it alone."""
+"""The training configuration: the inputs of a run, saved as ``config.json`` in the run folder and inside
+every checkpoint, so that a run can be resumed and a checkpoint rebuilt from it alone. What the Trainer
+derives from it (processes, images per optimizer step, the scaled learning rate) is a
+:class:`~vertebra.engine.optim.BatchPlan`, not written back here."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "default_shapes_root"]
+from ..data.sources import DataSource
 
+__all__ = ["TrainConfig", "DataSource"]
 
-def default_shapes_root() -> Path:
-    """Where the built-in shapes set is generated when no data is given: ``$VERTEBRA_SHAPES`` or
-    ``~/.cache/vertebra/shapes``."""
-    env = os.environ.get("VERTEBRA_SHAPES")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vertebra" / "shapes"
+#: written by earlier versions as config fields; now derived (BatchPlan) and dropped when a config is read
+_DERIVED = ("world_size", "global_batch", "scaled_lr")
+_OPTIMIZERS = ("sgd", "adamw", "rmsprop")
+_SCHEDULES = ("cosine", "step", "inception", "constant")
 
 
 @dataclass
 class TrainConfig:
-    """Everything a run needs. ``task``: ``"det"`` (RetinaNet) or ``"cls"`` (a backbone as classifier).
-
-    Data (exactly one source; none = the built-in shapes set for ``det``):
-    ``data`` (a shapes set or a COCO-2017 layout folder), ``coco_ann`` + ``coco_images`` (+ ``val_coco_ann`` +
-    ``val_coco_images``), ``voc`` (a VOC year folder; ``voc_train_split`` / ``voc_val_split``), ``folder``
-    (an image folder, with ``train/`` and ``val/`` inside or the classes directly), ``cifar``.
-    """
+    """Everything a run needs. ``task``: ``"det"`` (RetinaNet) or ``"cls"`` (a backbone as classifier), see
+    :mod:`vertebra.engine.tasks`; ``source``: where the data is (:class:`~vertebra.data.sources.DataSource`;
+    the default, no location, is the built-in shapes set)."""
 
     task: str = "det"
-    # data
-    data: str | None = None
-    coco_ann: str | None = None
-    coco_images: str | None = None
-    val_coco_ann: str | None = None
-    val_coco_images: str | None = None
-    voc: str | None = None
-    voc_train_split: str = "trainval"
-    voc_val_split: str = "test"
-    folder: str | None = None
-    cifar: str | None = None
+    source: DataSource = field(default_factory=DataSource)
     skip_bad: bool = False
     workers: int = 0
-    size: int | None = None  # None: 256 for detection, 224 for folders, 32 for CIFAR
+    size: int | None = None  # None: the task's default (256 for detection, 224 for folders, 32 for CIFAR)
     augment: str = "flip"  # "none" | "flip" | "full" (flip + colour jitter)
     # model
     backbone: str = "resnet18"
     backbone_weights: str | None = None
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
-    detector_kwargs: dict[str, Any] = field(default_factory=dict)
-    head_convs: int | None = None  # RetinaNet: convs per head tower (None: the detector's default, 4)
+    detector_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. head_convs, fpn_channels, head_norm
     channels_last: bool = False
     # optimisation
     epochs: int = 12
@@ -62,8 +46,10 @@ class TrainConfig:
     optimizer: str = "sgd"  # "sgd" | "adamw" | "rmsprop"
     momentum: float = 0.9
     weight_decay: float | None = None  # None: 1e-4 (SGD), 0.05 (AdamW), 4e-5 (RMSProp)
-    schedule: str = "cosine"  # "cosine" | "step" | "constant"
-    warmup_steps: int | None = None  # None: min(500, a third of the first epoch... see Trainer)
+    # "cosine" | "step" | "inception" (x0.94 every two epochs) | "constant"; "step" with RMSProp and no
+    # step_epochs is the Inception rule
+    schedule: str = "cosine"
+    warmup_steps: int | None = None  # None: min(500, a tenth of the run's steps)
     warmup_factor: float = 0.001
     step_epochs: list[int] = field(default_factory=list)  # step schedule: multiply by step_gamma at these epochs
     step_gamma: float = 0.1
@@ -77,7 +63,7 @@ class TrainConfig:
     amp: str | None = None  # None | "bf16" | "fp16"
     ema: float | None = None  # decay, e.g. 0.9998
     label_smoothing: float = 0.0
-    aux_weight: float | None = None  # auxiliary classifiers (GoogLeNet 0.3, Inception-v3 0.4)
+    aux_weight: float | None = None  # auxiliary classifiers (None: the network's paper, GoogLeNet 0.3, v3 0.4)
     # run
     out: str | None = None  # run folder, default runs/<name>
     name: str | None = None
@@ -98,18 +84,29 @@ class TrainConfig:
     lr_ref_batch: int | None = None  # the batch `lr` is meant for (None: `batch`, one process, no accumulation)
     dist_backend: str | None = None  # None: gloo on CPU, nccl on CUDA
     dist_timeout: float = 30.0  # minutes any collective may wait for a peer before the job stops
-    # resolved by the Trainer (written to config.json; not inputs): processes, images per optimizer step
-    # (batch x world_size x accum_steps) and the learning rate after lr_scale
-    world_size: int = 1
-    global_batch: int | None = None
-    scaled_lr: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.source, dict):
+            self.source = DataSource.from_dict(self.source)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """From :meth:`to_dict`'s output, or a config written by an earlier version (flat source fields, a
+        top-level ``head_convs``, the derived world_size / global_batch / scaled_lr)."""
+        d = dict(d)
         names = {f.name for f in dataclasses.fields(cls)}
+        source_names = {f.name for f in dataclasses.fields(DataSource)}
+        flat = {k: d.pop(k) for k in list(d) if k in source_names}
+        if "source" not in d:
+            d["source"] = DataSource.from_dict(flat)
+        head_convs = d.pop("head_convs", None)
+        if head_convs is not None:
+            d["detector_kwargs"] = {"head_convs": head_convs, **(d.get("detector_kwargs") or {})}
+        for k in _DERIVED:
+            d.pop(k, None)
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
@@ -119,12 +116,10 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)
 
     def validate(self) -> None:
-        if self.task not in ("det", "cls"):
-            raise ValueError(f"task must be 'det' or 'cls', got {self.task!r}")
-        if self.optimizer not in ("sgd", "adamw", "rmsprop"):
+        if self.optimizer not in _OPTIMIZERS:
             raise ValueError(f"optimizer must be sgd, adamw or rmsprop, got {self.optimizer!r}")
-        if self.schedule not in ("cosine", "step", "constant"):
-            raise ValueError(f"schedule must be cosine, step or constant, got {self.schedule!r}")
+        if self.schedule not in _SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(_SCHEDULES)}, got {self.schedule!r}")
         if self.amp not in (None, "bf16", "fp16"):
             raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {self.amp!r}")
         if self.augment not in ("none", "flip", "full"):
@@ -158,46 +153,20 @@ class TrainConfig:
             raise ValueError(f"ema decay must be in [0, 1), got {self.ema}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        sources = [s for s in ("data", "coco_ann", "voc", "folder", "cifar") if getattr(self, s)]
-        if len(sources) > 1:
-            raise ValueError(f"give one data source, got {', '.join(sources)}")
-        if self.coco_ann and not self.coco_images:
-            raise ValueError("--coco ANN needs --images DIR")
-        if self.task == "cls" and sources and sources[0] not in ("folder", "cifar"):
-            raise ValueError("classification trains on --folder DIR or --cifar DIR")
-        if self.task == "det" and sources and sources[0] in ("folder", "cifar"):
-            raise ValueError("detection trains on --data, --coco or --voc (folders and CIFAR are for --task cls)")
-        if self.task == "cls" and not sources:
-            raise ValueError("classification needs --folder DIR or --cifar DIR")
+        from .tasks import task_for
 
-    def resolved_size(self) -> int:
-        if self.size is not None:
-            return int(self.size)
-        if self.task == "det":
-            return 256
-        return 32 if self.cifar else 224
+        task_for(self.task).check_source(self.source)
 
-    def progressive_size(self, fraction: float) -> int | None:
-        """The training input size at ``fraction`` (0..1) of the schedule under ``progressive``; None when
-        it is the run's own size."""
-        for sz, until in self.progressive:
-            if fraction < until:
-                return None if int(sz) == self.resolved_size() else int(sz)
-        return None
+    def resolved_schedule(self) -> str:
+        """The schedule's name: ``"step"`` with RMSProp and no ``step_epochs`` is Inception-v3's rule."""
+        if self.schedule == "step" and not self.step_epochs and self.optimizer == "rmsprop":
+            return "inception"
+        return self.schedule
 
     def resolved_lr(self) -> float:
         if self.lr is not None:
             return float(self.lr)
         return {"sgd": 0.01, "adamw": 1e-3, "rmsprop": 0.045 * self.batch / 32}[self.optimizer]
-
-    def lr_for(self, global_batch: int) -> float:
-        """The base learning rate of a run whose optimizer steps see ``global_batch`` images: ``resolved_lr()``,
-        times ``global_batch / lr_ref_batch`` with ``lr_scale="linear"`` (``lr_ref_batch`` default: ``batch``,
-        so one process without accumulation keeps ``lr`` as given)."""
-        lr = self.resolved_lr()
-        if self.lr_scale == "linear":
-            lr *= global_batch / float(self.lr_ref_batch or self.batch)
-        return lr
 
     def resolved_weight_decay(self) -> float:
         if self.weight_decay is not None:

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..precision import autocast
+
 __all__ = ["COCO_METRICS", "coco_evaluate", "voc_ap", "voc_evaluate", "evaluate_detector", "evaluate_classifier",
            "predict_detections", "detections_to_coco"]
 
@@ -240,13 +242,6 @@ def voc_evaluate(dataset, predictions: dict[int, dict[str, Any]], *, iou_thresh:
 # --------------------------------------------------------------------------------------------- running models
 
 
-def _autocast(device: torch.device, amp: str | None):
-    if amp is None:
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 @torch.no_grad()
 def predict_detections(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu",
                        amp: str | None = None, progress=None) -> dict[int, dict[str, Tensor]]:
@@ -259,7 +254,7 @@ def predict_detections(model: nn.Module, loader: Iterable, device: torch.device 
     try:
         for images, targets in loader:
             images = [im.to(device, non_blocking=True) for im in images]
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 dets = model(images)
             for im, t, d in zip(images, targets, dets):
                 h, w = im.shape[-2:]
@@ -314,7 +309,7 @@ def evaluate_classifier(model: nn.Module, loader: Iterable, device="cpu", amp: s
     try:
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 logits = model(x)
             if isinstance(logits, (tuple, list)):
                 logits = logits[0]

@@ -8,18 +8,13 @@ From Szegedy et al., "Going Deeper with Convolutions" (GoogLeNet, arXiv 1409.484
   Rethinking paper keeps one BN-auxiliary classifier but gives no weight; TF-slim's training
   script (``train_image_classifier.py``), which trained the released Inception-v3, weights it
   0.4: :data:`GOOGLENET_AUX_WEIGHT`, :data:`INCEPTION_V3_AUX_WEIGHT`.
-- :class:`LabelSmoothingCrossEntropy` / :func:`label_smoothing_cross_entropy`: label-smoothing
-  regularisation (Sec. 7): the target becomes ``(1 - eps) * onehot + eps / K`` (the uniform
-  prior u(k) = 1/K), eps = 0.1 for ImageNet.
-- :func:`inception_rmsprop`: RMSProp as in Sec. 8 ("RMSProp with decay of 0.9 and eps = 1.0 ...
-  a learning rate of 0.045, decayed every two epochs using an exponential rate of 0.94"), with
-  its step scheduler. PyTorch's RMSprop adds eps *outside* the square root,
-  ``g / (sqrt(v) + eps)``; TensorFlow (which the paper used) adds it inside,
-  ``g / sqrt(v + eps)``, initialises the mean square at 1 and folds the learning rate into the
-  momentum buffer. With eps = 1 the difference matters, so ``tf_style=True`` (the default)
-  returns :class:`RMSpropTF`, a ``torch.optim.RMSprop`` whose step is TensorFlow's;
-  ``tf_style=False`` returns the stock optimizer with eps converted to ``sqrt(eps)`` (equal to
-  TF's denominator at v = 0 and for v >> eps; at most sqrt(2) apart in between).
+  :func:`default_aux_weight` picks the weight of a network's own paper.
+- :func:`label_smoothing_cross_entropy`: label-smoothing regularisation (Sec. 7): the target
+  becomes ``(1 - eps) * onehot + eps / K`` (the uniform prior u(k) = 1/K), eps = 0.1 for ImageNet.
+- RMSProp as in Sec. 8 ("RMSProp with decay of 0.9 and eps = 1.0 ... a learning rate of 0.045,
+  decayed every two epochs using an exponential rate of 0.94") is the engine's ``--optimizer
+  rmsprop`` (:class:`vertebra.engine.optim.RMSpropTF`, TensorFlow's update) with the named
+  ``"inception"`` schedule (:func:`vertebra.engine.optim.lr_factor`).
 - :func:`clip_gradients`: gradient clipping with threshold 2.0 (Sec. 8), on the global norm
   (Pascanu et al., the paper's reference [14]; TF-slim's ``clip_gradient_norm``).
 - :class:`ModelEma`: "model evaluations are performed using a running average of the
@@ -33,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -43,12 +37,10 @@ from torch import Tensor, nn
 __all__ = [
     "GOOGLENET_AUX_WEIGHT",
     "INCEPTION_V3_AUX_WEIGHT",
-    "LabelSmoothingCrossEntropy",
     "ModelEma",
-    "RMSpropTF",
     "aux_loss",
     "clip_gradients",
-    "inception_rmsprop",
+    "default_aux_weight",
     "label_smoothing_cross_entropy",
 ]
 
@@ -56,6 +48,14 @@ __all__ = [
 GOOGLENET_AUX_WEIGHT = 0.3
 #: Inception-v3: not in the paper; TF-slim's train_image_classifier.py uses 0.4
 INCEPTION_V3_AUX_WEIGHT = 0.4
+#: the auxiliary-loss weight of each paper (by arXiv id) that trains auxiliary classifiers
+AUX_WEIGHT_BY_PAPER = {"1409.4842": GOOGLENET_AUX_WEIGHT, "1512.00567": INCEPTION_V3_AUX_WEIGHT}
+
+
+def default_aux_weight(spec) -> float:
+    """The auxiliary-loss weight a network's paper trained with (a :class:`~vertebra.registry.BackboneSpec`):
+    Inception-v3's 0.4, else GoogLeNet's 0.3."""
+    return AUX_WEIGHT_BY_PAPER.get(spec.arxiv or "", GOOGLENET_AUX_WEIGHT)
 
 
 # -- auxiliary classifiers -----------------------------------------------------------------
@@ -108,97 +108,6 @@ def label_smoothing_cross_entropy(logits: Tensor, target: Tensor, smoothing: flo
     if reduction == "none":
         return loss
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-
-
-class LabelSmoothingCrossEntropy(nn.Module):
-    """Label-smoothing regularisation (Rethinking the Inception Architecture, Sec. 7)."""
-
-    def __init__(self, smoothing: float = 0.1, reduction: str = "mean"):
-        super().__init__()
-        if not 0.0 <= smoothing < 1.0:
-            raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
-        self.smoothing, self.reduction = smoothing, reduction
-
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        return label_smoothing_cross_entropy(logits, target, self.smoothing, self.reduction)
-
-    def extra_repr(self) -> str:
-        return f"smoothing={self.smoothing}"
-
-
-# -- RMSProp -------------------------------------------------------------------------------
-
-
-class RMSpropTF(torch.optim.RMSprop):
-    """RMSProp with TensorFlow's update (the one the Inception papers trained with).
-
-    ``ms = alpha * ms + (1 - alpha) * g^2`` (ms starts at 1, not 0);
-    ``mom = momentum * mom + lr * g / sqrt(ms + eps)``; ``p -= mom``.
-    ``weight_decay`` adds ``wd * p`` to the gradient. ``centered`` is not supported.
-    """
-
-    def __init__(self, params, lr: float = 0.045, alpha: float = 0.9, eps: float = 1.0, weight_decay: float = 0.0,
-                 momentum: float = 0.9):
-        super().__init__(params, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
-                         centered=False)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, alpha, eps, wd, mom = group["lr"], group["alpha"], group["eps"], group["weight_decay"], \
-                group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if g.is_sparse:
-                    raise RuntimeError("RMSpropTF does not support sparse gradients")
-                if wd:
-                    g = g.add(p, alpha=wd)
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["square_avg"] = torch.ones_like(p, memory_format=torch.preserve_format)
-                    if mom > 0:
-                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                ms = state["square_avg"]
-                ms.mul_(alpha).addcmul_(g, g, value=1 - alpha)
-                update = g / ms.add(eps).sqrt_()
-                if mom > 0:
-                    buf = state["momentum_buffer"]
-                    buf.mul_(mom).add_(update, alpha=lr)
-                    p.sub_(buf)
-                else:
-                    p.sub_(update, alpha=lr)
-        return loss
-
-
-def inception_rmsprop(params, *, lr: float = 0.045, decay: float = 0.9, eps: float = 1.0, momentum: float = 0.9,
-                      weight_decay: float = 0.0, lr_decay: float = 0.94, epochs_per_decay: float = 2.0,
-                      steps_per_epoch: int | None = None, tf_style: bool = True):
-    """The Inception-v3 optimizer and learning-rate schedule: ``(optimizer, scheduler)``.
-
-    Defaults are the paper's (Sec. 8): RMSProp decay 0.9, eps 1.0, lr 0.045 multiplied by 0.94
-    every two epochs. The paper does not give RMSProp's momentum; 0.9 is TF-slim's
-    ``rmsprop_momentum`` (pass 0 for none). The scheduler is a ``StepLR``: call
-    ``scheduler.step()`` once per epoch, or once per iteration when ``steps_per_epoch`` is given
-    (TF's staircase ``exponential_decay``). ``tf_style``: see the module docstring.
-    """
-    if tf_style:
-        opt = RMSpropTF(params, lr=lr, alpha=decay, eps=eps, weight_decay=weight_decay, momentum=momentum)
-    else:
-        opt = torch.optim.RMSprop(params, lr=lr, alpha=decay, eps=math.sqrt(eps), weight_decay=weight_decay,
-                                  momentum=momentum)
-    step = epochs_per_decay if steps_per_epoch is None else epochs_per_decay * steps_per_epoch
-    if step != int(step) or step < 1:
-        raise ValueError(f"the decay period must be a whole number of scheduler steps, got {step}")
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=int(step), gamma=lr_decay)
-    return opt, sched
 
 
 # -- gradient clipping ---------------------------------------------------------------------

@@ -25,89 +25,7 @@ training minutes) as ``curve.json`` and ``curve.png`` in the run folder, next to
 ``metrics.csv`` and ``loss.png``. The machine load (``os.getloadavg``) is printed with the figures:
 a shared machine trains several times slower than an idle one.
 
-Measured 2026-12-02 (2-core AMD EPYC, idle: load 0.7 at the start, 2.0 at the end), the goal MET:
-* this recipe, 15 minutes: AP50 0.169 / 0.380 / 0.554 / 0.785 / 0.833 at 3 / 6 / 9 / 12 / 15 min; final AP 0.669,
-  AP50 0.833, AP75 0.769 (APs 0.644, APm 0.734, APl 0.222); class-agnostic AP50 0.891; per class AP50 0.742
-  (hexagon) to 0.892 (cross). 36.8 images/s on average (about 46 at 128 px, 25 at 192, 17 at 256), 4,137 steps,
-  33,096 images (16.5 epochs). The raw weights score AP50 0.837.
-* the same with ``--seed 1`` (another initialisation and image order): AP50 0.147 / 0.302 / 0.551 / 0.776 / 0.829
-  at 3 / 6 / 9 / 12 / 15 min; final AP 0.664, AP50 0.829, AP75 0.773; 38.9 images/s, 4,380 steps.
-* the same with ``--progressive 128:0.5,192:0.75 --ema 0.998``: AP50 0.161 / 0.305 / 0.547 / 0.703 / 0.774 at
-  3 / 6 / 9 / 12 / 15 min (AP 0.616, AP75 0.712; 33.2 images/s); its raw weights 0.790: a 0.998 average still held
-  weights (and BatchNorm statistics) of the 192 px phase, hence the shorter average.
-* without progressive resizing the recipe needs about 47 minutes for AP50 0.8 (the figures below): on this
-  machine a 128 px step costs 176 ms (data 15, forward and loss 54, backward 89, AdamW 13, EMA 5), a 256 px step
-  452 ms, so the low-resolution phase sees 2.6 times the images per second, and the objects it sees at half size
-  (4-64 px) are the same shapes the FPN levels learn at full size. 8-minute probes (two at a time, one thread
-  each, AP50): all at 256 px 0.137; 128:0.5,192:0.75 0.201; 96:0.35,128:0.6,192:0.8 0.198; 128:0.75 0.191;
-  128:0.4,160:0.6,192:0.8,224:0.9 0.184 (the schedule matters little, the low-resolution phase a lot);
-  128:0.5,192:0.75 with per-level BatchNorm instead of GroupNorm in the head towers 0.088.
-* this machine was faster this session than on 2026-12-01 (one 256 px step 452 ms against 645): the
-  budget-to-AP figures of earlier days are not comparable one to one.
-
-Earlier measurements, of the recipe without progressive resizing and with EMA 0.998 (``--progressive none --ema
-0.998`` reruns it); "this recipe" below means that one:
-
-Measured so far (2026-11-28, on the 2-core AMD EPYC shared by several jobs, load average 5-12, i.e.
-several times slower than idle): the goal is NOT yet shown.
-* per-step speed, the same batch timed in turn in one process: this recipe (bf16 + channels_last) 2.8x
-  torchvision's RetinaNet-ResNet-18-FPN (256-channel FPN, 4-conv heads, fp32); fp32 1.5x; a 64-channel
-  FPN no faster than 128 (the backbone dominates). If torchvision does 3 images/s on the idle machine,
-  this is about 8.5 images/s: ~7,600 images (3.8 epochs) in 15 minutes (estimate, not measured idle).
-* 9 minutes of training under load 5-6 (``--minutes 9 --warmup 50``): 1000 images (0.5 epoch),
-  1.8 images/s, AP50 0.011 on the 300 val images. Under load 10-12: 0.6-1.2 images/s.
-* the pipeline learns: on 32 images of 128 px (train = val, a check of training + decoding + evaluation),
-  226 steps in 8 minutes give AP50 0.78, AP 0.44.
-
-Measured 2026-12-01 (same 2-core AMD EPYC, idle: load 1.3 at the start, 2.0 at the end), the goal still NOT shown:
-* per-step speed of this recipe, idle, batch 8 at 256 px (backbone / FPN + heads / loss / backward, ms per step):
-  FPN 128: 139 / 68 / 10 / 428 = 12.4 images/s; FPN 64: 133 / 27 / 7 / 348 = 15.5 images/s. ResNet-18 alone
-  (fwd + bwd, bf16, channels_last) runs 23 images/s, so the FPN and heads cost about a third of a step.
-* this recipe (FPN 128), 15 minutes: 12.6 images/s, 1423 steps, 11,384 images (5.7 epochs); AP50 0.046 / 0.132 /
-  0.161 / 0.189 / 0.215 at 3 / 6 / 9 / 12 / 15 min; final AP 0.135, AP50 0.215, AP75 0.147 (APs 0.13).
-* ``--fpn-channels 64``, 15 minutes (faster per step, far worse per image: the lighter head does not pay):
-  13.7 images/s, 1542 steps, 12,336 images (6.2 epochs); AP50 0.005 / 0.021 /
-  0.073 / 0.120 / 0.133 at 3 / 6 / 9 / 12 / 15 min; final AP 0.064, AP50 0.133, AP75 0.056.
-* 400-step probes (batch 8, cosine over the 400 steps, AP50 on the 300 val images; two probes shared the machine,
-  one thread each): this recipe 0.101; lr 4e-3 0.066; lr 1e-3 0.063; anchors 1.0 x stride 0.055; batch 4 for 800
-  steps 0.039; ATSS + GIoU 0.047. EMA and raw weights scored within 0.004; a score threshold of 0.01 or 0.001
-  instead of 0.05 changed nothing.
-
-Measured 2026-12-01, later (same machine), the goal still NOT shown within 15 minutes; the recipe reaches it
-given about three times the time:
-* this recipe for 4,000 steps (cosine over the 4,000 steps, 32,000 images, 16 epochs; 44.6 minutes of training,
-  12.4 images/s, machine otherwise idle): AP 0.610, AP50 0.774, AP75 0.703 (APs 0.550, APm 0.730,
-  APl 0.442). So the data set is learnable to about the goal by this detector; 15 minutes are a third of what
-  it needs.
-* where the 15-minute model loses its AP (the breakdown this script now prints at the end): AP50 0.215 but
-  class-agnostic AP50 0.362; on 300 train images 0.221 / 0.367 (no overfitting); per box the six class scores are
-  nearly equal (e.g. 0.39 / 0.37 / 0.35 ...): it finds objects before it tells their shapes apart.
-* shape itself is quickly learnt: ResNet-18 from random init classifying 48 x 48 crops of the train boxes
-  (batch 64, AdamW 2e-3, one thread) reaches 90 % val accuracy after 20,000 crops (about 2 minutes); a backbone
-  pre-trained that way for 2.5 minutes and then this recipe for 400 steps gives AP50 0.149 (7.1 minutes in all)
-  against about 0.14 for this recipe alone at 7 minutes: the detector's own learning of classes is the slow part.
-* 400-step probes (AP50; the recipe scores 0.101 and 0.082 with seeds 0 and 1, so +-0.02 is noise):
-  zero-init residual BN 0.066; batch 16 for 200 steps 0.030; 4-conv head towers 0.096 (20 % slower per step);
-  fg / bg IoU 0.4 / 0.3 0.047; focal gamma 1, alpha 0.5 0.096; gamma 2, alpha 0.5 0.105.
-* two processes of one thread each train 7.1-7.2 images/s each (14.3 together) against 12.6 for one process of
-  two threads: a multi-process run would give about 13 % more images in the same time.
-
-Measured 2026-12-02 (same machine, idle: load 0.9 at the start, 2.0 at the end), the goal NOT met in 30 minutes either:
-* this recipe with ``--minutes 30 --eval-every 5`` (cosine over the 30 minutes; 11.0 images/s, 2,485 steps, 19,880
-  images, 9.9 epochs): AP50 0.104 / 0.167 / 0.240 / 0.329 / 0.431 / 0.493 at 5 / 10 / 15 / 20 / 25 / 30 min; final
-  AP 0.367, AP50 0.493, AP75 0.426; class-agnostic AP50 0.665; per class AP50 0.35 (hexagon) to 0.60 (cross).
-  With the 4,000-step run above (AP50 0.774 at 44.6 min) the budget-to-AP50 curve of the recipe is about
-  15 min 0.22, 30 min 0.49, 45 min 0.77: the 0.8 needs roughly 47 minutes on this machine.
-* an auxiliary softmax cross-entropy over the classes at the foreground anchors (weight 1, 400-step probes): AP50
-  0.087 (seed 0) and 0.001 (seed 1) against 0.101 / 0.082; the cross-entropy itself stayed at ln 6 (chance) for the
-  400 steps, so the features carry no class information yet, whatever loss reads them: not kept.
-* batch 4 for 800 steps (lr 2e-3, 300 warm-up steps) again 0.039.
-* an auxiliary RoI classifier (RoIAlign 7 x 7 of every ground-truth box on its FPN level, MLP 6272-256-6,
-  cross-entropy weight 1; a scale-normalised read-out like the crop classifier above): AP50 0.004 / 0.025 (seeds
-  0 / 1), its loss at ln 6 (chance) for all 400 steps: the FPN features carry no shape information that early,
-  however they are read out. Not kept.
-* head towers without GroupNorm (they would allow the sparse box subnet in training): AP50 0.000; 50 warm-up
-  steps instead of 150: 0.108 (noise).
+The measured figures are in ``benchmarks/RESULTS.md`` (section shapes_retinanet).
 
     python benchmarks/shapes_retinanet.py                       # 15 minutes, the recipe above
     python benchmarks/shapes_retinanet.py --minutes 5 --eval-every 2.5 --val-limit 100
@@ -124,9 +42,10 @@ from pathlib import Path
 
 import torch
 
-from vertebra.engine.commands import _progressive
+from vertebra.cli.train import _progressive
+from vertebra.data.sources import DataSource, ensure_shapes
 from vertebra.engine.config import TrainConfig
-from vertebra.engine.train import Trainer, ensure_shapes
+from vertebra.engine.train import Trainer
 
 
 def anchor_sizes(mult: float, levels) -> list[list[int]]:
@@ -167,9 +86,9 @@ def main(argv=None) -> int:
     det_kw = {"fpn_channels": args.fpn_channels, "max_level": args.max_level,
               "anchor_sizes": anchor_sizes(args.anchor_mult, levels), "detections_per_img": 100,
               "head_norm": None if args.head_norm == "none" else "gn", "matcher": args.matcher,
-              "box_loss": args.box_loss}
-    cfg = TrainConfig(task="det", data=str(root), size=args.size, backbone="resnet18", detector_kwargs=det_kw,
-                      head_convs=args.head_convs, channels_last=True, epochs=100, batch=args.batch, lr=args.lr,
+              "box_loss": args.box_loss, "head_convs": args.head_convs}
+    cfg = TrainConfig(task="det", source=DataSource(data=str(root)), size=args.size, backbone="resnet18",
+                      detector_kwargs=det_kw, channels_last=True, epochs=100, batch=args.batch, lr=args.lr,
                       optimizer="adamw", weight_decay=0.05, schedule="cosine", schedule_on_time=True,
                       progressive=progressive,
                       warmup_steps=args.warmup, amp=None if args.no_amp else "bf16", ema=args.ema,

@@ -11,38 +11,22 @@ import sys
 
 from rich.markup import escape
 
-from . import bench, data
+from . import bench, data, train
 from ._console import console, err_console
 
 __all__ = ["build_parser", "main", "console", "err_console"]
 
 
-def _command_modules() -> list:
-    try:  # while cli/train.py and cli/export.py are being written
-        from . import train
-    except ImportError:
-        train = None
-    try:
-        from . import export
-    except ImportError:
-        export = None
-    return [bench, train, export, data]
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vertebra", description="The classic CNN backbones of object detection.")
     sub = p.add_subparsers(dest="command", required=True)
-    for module in _command_modules():
-        if module is not None:
-            module.register(sub)
-    if "train" not in sub.choices:
-        from ..engine.commands import register_commands
+    bench.register(sub)
+    train.register(sub)
+    # until cli/export.py exists: export.py still registers its own parser (with func=, not handler=)
+    from ..export import register_commands as register_export
 
-        register_commands(sub)
-    if "export" not in sub.choices:
-        from ..export import register_commands as register_export
-
-        register_export(sub)
+    register_export(sub)
+    data.register(sub)
     return p
 
 

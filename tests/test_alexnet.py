@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import vertebra
-from vertebra.backbones.alexnet import lrn
+from vertebra.layers import lrn
 
 
 def test_alexnet_towers_are_groups():

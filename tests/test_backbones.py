@@ -14,7 +14,17 @@ from vertebra.reference.twins import build_twin, has_timm
 from vertebra.weights import StateDictMismatch
 
 ALL = vertebra.list_backbones()
-TWINNED = [n for n in ALL if vertebra.backbone_spec(n).reference]
+
+# Twins that are our network only under a stated condition. They are not in the specs' references
+# (which ``create_backbone(weights=...)``, the CLI and the benchmarks take for the same network), but
+# their key maps exist and are tested here. Value: the arch kwargs that make ours the twin's network.
+CONDITIONAL_TWINS = {
+    # timm's MobileNet v1 uses ReLU6, the paper ReLU
+    ("mobilenet_v1", "timm:mobilenetv1_100"): {"act": "relu6"},
+    # timm pre-activates after the stem's max-pool, the paper before it: equal while BN scales are > 0
+    ("preact_resnet50", "timm:resnetv2_50"): {},
+}
+TWIN_PAIRS = sorted({(n, r) for n in ALL for r in vertebra.backbone_spec(n).references} | set(CONDITIONAL_TWINS))
 
 
 def small_size(model) -> int:
@@ -103,28 +113,90 @@ def test_params_match_paper(name):
     assert abs(dev) <= spec.params_tol_pct, f"{n / 1e6:.6f}M vs paper {spec.paper_params_m}M ({dev:+.2f}%)"
 
 
-@pytest.mark.parametrize("name", TWINNED)
-def test_twin_equal(name):
-    spec = vertebra.backbone_spec(name)
-    if spec.reference_source == "timm" and not has_timm():
+def _randomise_bn(model: torch.nn.Module) -> None:
+    """BN statistics and affine parameters away from their 0/1 init (positive scales), so a key map
+    that pairs the wrong BN tensors shows in the outputs."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d) and m.running_mean is not None:
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("name,reference", TWIN_PAIRS, ids=[f"{n}-{r}" for n, r in TWIN_PAIRS])
+def test_twin_equal(name, reference):
+    """Same outputs as the torchvision/timm twin after load_reference_weights; the features_only
+    model loads the same state_dict and gives bit-identical features."""
+    source = reference.split(":", 1)[0]
+    if source == "timm" and not has_timm():
         pytest.skip("timm is not installed")
+    kw = CONDITIONAL_TWINS.get((name, reference), {})
     torch.manual_seed(1)
-    twin = build_twin(spec.reference).eval()
-    model = build(name).eval()
+    twin = build_twin(reference).eval()
+    _randomise_bn(twin)
+    model = build(name, **kw).eval()
     assert count_params(model) == count_params(twin)
-    vertebra.load_reference_weights(model, twin.state_dict(), source=spec.reference_source)
+    vertebra.load_reference_weights(model, twin.state_dict(), source=source)
     s = small_size(model)
-    x = torch.randn(2, spec.input_size[0], s, s)
+    x = torch.randn(2, model.in_chans, s, s)
     with torch.no_grad():
         ref = twin(x)
         ours = model(x)
         scale = ref.abs().max().clamp_min(1e-6)
         assert (ours - ref).abs().max() <= 1e-5 * scale
         # the features_only model loads the same state_dict (its head keys are dropped)
-        fo = build(name, features_only=True).eval()
-        vertebra.load_reference_weights(fo, twin.state_dict(), source=spec.reference_source)
+        fo = build(name, features_only=True, **kw).eval()
+        vertebra.load_reference_weights(fo, twin.state_dict(), source=source)
         for a, b in zip(fo(x), model.forward_features(x)):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# -- one home per fact ---------------------------------------------------------------------
+
+
+def test_table_metadata_agrees_with_register():
+    """``@register`` owns family/paper/year/arxiv; the facts table's copies, where filled, must agree."""
+    from vertebra.reference import load_facts
+
+    wrong = []
+    for name, row in load_facts().items():
+        if name not in ALL:
+            continue
+        spec = vertebra.backbone_spec(name)
+        for field in ("family", "paper", "year", "arxiv"):
+            cell = row.get(field, "")
+            if not cell:
+                continue
+            want = {"year": lambda c: int(c), "arxiv": lambda c: None if c == "none" else c}.get(field, str)(cell)
+            if getattr(spec, field) != want:
+                wrong.append(f"{name}.{field}: @register {getattr(spec, field)!r}, table {want!r}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_keymaps_name_registered_networks():
+    """Every key map names registered networks (it cannot outlive a rename), and every reference has one."""
+    import fnmatch
+
+    from vertebra.reference.keymaps import find_keymap, registered_keymaps
+
+    stale = [(src, pat) for src, pat in registered_keymaps() if not fnmatch.filter(ALL, pat)]
+    assert not stale, f"key maps for no registered network: {stale}"
+    missing = [(n, r) for n, r in TWIN_PAIRS if find_keymap(r.split(":", 1)[0], n) is None]
+    assert not missing, f"references without a key map: {missing}"
+
+
+def test_drop_path_refused_once_for_non_residual_nets():
+    """One refusal, in create_backbone, for every network whose spec says it has nothing to drop."""
+    for name in ALL:
+        spec = vertebra.backbone_spec(name)
+        if not spec.supports_drop_path:
+            with pytest.raises(ValueError, match=f"{name} has no residual branches to drop"):
+                vertebra.create_backbone(name, drop_path_rate=0.1)
 
 
 # -- bad input ---------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The efficient networks (SqueezeNet, MobileNet v1/v2, ShuffleNet v1/V2, CondenseNet, MnasNet):
-compute against the papers' mult-add budgets, the twins the facts table does not list, and the
-paper-specific behaviour (bypasses, resolution multiplier, CondenseNet's condensation)."""
+compute against the papers' mult-add budgets and the paper-specific behaviour (bypasses, resolution
+multiplier, CondenseNet's condensation). Every twin is tested in test_backbones.test_twin_equal."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import vertebra
 from vertebra.backbone import count_params
-from vertebra.reference.twins import build_twin, has_timm
 
 FAMILIES = ("SqueezeNet", "MobileNet", "MobileNetV2", "ShuffleNet", "ShuffleNet V2", "CondenseNet", "MnasNet")
 OURS = [n for n in vertebra.list_backbones() if vertebra.backbone_spec(n).family in FAMILIES]
@@ -84,41 +83,6 @@ def test_mobilenet_v1_width_multiplier_params():
     with torch.device("meta"):
         assert count_params(vertebra.create_backbone("mobilenet_v1", width_mult=0.5)) == count_params(
             vertebra.create_backbone("mobilenet_v1_0_5"))
-
-
-# -- twins beyond the facts table's primary one -------------------------------------------
-
-EXTRA_TWINS = [
-    ("mobilenet_v1", "timm:mobilenetv1_100", {"act": "relu6"}),
-    ("mobilenet_v2", "timm:mobilenetv2_100", {}),
-    ("mobilenet_v2_1_4", "timm:mobilenetv2_140", {}),
-    ("mnasnet_a1", "timm:semnasnet_100", {}),
-    ("mnasnet_b1", "timm:mnasnet_100", {}),
-    ("mnasnet_b1_0_5", "torchvision:mnasnet0_5", {}),
-    ("mnasnet_b1_0_75", "torchvision:mnasnet0_75", {}),
-    ("mnasnet_b1_1_3", "torchvision:mnasnet1_3", {}),
-]
-
-
-@pytest.mark.parametrize("name,reference,kw", EXTRA_TWINS, ids=[f"{n}-{r}" for n, r, _ in EXTRA_TWINS])
-def test_extra_twin_equal(name, reference, kw):
-    source = reference.split(":", 1)[0]
-    if source == "timm" and not has_timm():
-        pytest.skip("timm is not installed")
-    torch.manual_seed(1)
-    twin = build_twin(reference).eval()
-    model = vertebra.create_backbone(name, **kw).eval()
-    assert count_params(model) == count_params(twin)
-    vertebra.load_reference_weights(model, twin.state_dict(), source=source)
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        ref = twin(x)
-        ours = model(x)
-        assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max().clamp_min(1e-6)
-        fo = vertebra.create_backbone(name, features_only=True, **kw).eval()
-        vertebra.load_reference_weights(fo, twin.state_dict(), source=source)
-        for a, b in zip(fo(x), model.forward_features(x)):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_mobilenet_v1_paper_activation_is_relu():
@@ -291,11 +255,32 @@ def test_shufflenet_scales():
 
 @pytest.mark.parametrize("name", ["mobilenet_v2", "mnasnet_a1", "shufflenet_g3"])
 def test_drop_path_in_residual_nets(name):
+    """Stochastic depth's linear rule (Huang et al., Sec. 3): block l of L drops its residual branch
+    with rate p_L * l / L; blocks without an identity shortcut have nothing to drop."""
+    from vertebra.backbones.shufflenet import ShuffleUnit
+    from vertebra.layers import DropPath, InvertedResidual
+
     model = vertebra.create_backbone(name, drop_path_rate=0.2, num_classes=5)
-    rates = [m.p for m in model.modules() if type(m).__name__ == "DropPath"]
-    assert rates and max(rates) <= 0.2
+    blocks = [m for m in model.modules() if isinstance(m, (InvertedResidual, ShuffleUnit))]
+    got = [b.drop_path.p if isinstance(b.drop_path, DropPath) else None for b in blocks]
+    residual = [b.use_shortcut if isinstance(b, InvertedResidual) else b.stride == 1 for b in blocks]
+    want = [0.2 * (i + 1) / len(blocks) if r else None for i, r in enumerate(residual)]
+    assert any(residual) and got == pytest.approx(want)
     model.train()
     model(torch.randn(2, 3, 64, 64)).sum().backward()
+
+
+@pytest.mark.parametrize("width,channels", [(0.5, (48, 96, 192, 1024)), (1.0, (116, 232, 464, 1024)),
+                                            (1.5, (176, 352, 704, 1024)), (2.0, (244, 488, 976, 2048))])
+def test_shufflenet_v2_widths_table5(width, channels):
+    """Table 5: Stage2/3/4 and conv5 output channels of the four sizes."""
+    name = f"shufflenet_v2_x{width:.1f}".replace(".", "_")
+    with torch.device("meta"):
+        model = vertebra.create_backbone(name)
+    assert [i.channels for i in model.feature_info] == [24, 24, *channels[:3]]
+    assert model.head.conv.conv.out_channels == channels[3]
+    with pytest.raises(ValueError, match="Table 5"):
+        vertebra.create_backbone("shufflenet_v2_x1_0", width=0.75)
 
 
 @pytest.mark.parametrize("name", ["squeezenet1_0", "mobilenet_v1", "shufflenet_v2_x1_0", "condensenet86_cifar"])

@@ -1,5 +1,5 @@
-"""The Inception line (GoogLeNet ... PolyNet): auxiliary heads, extra twins, odd feature sizes,
-minimum inputs. The registry-wide checks live in test_backbones.py."""
+"""The Inception line (GoogLeNet ... PolyNet): auxiliary heads, odd feature sizes, minimum
+inputs. The registry-wide checks live in test_backbones.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch.nn.functional as F
 import vertebra
 from vertebra.backbone import count_params
 from vertebra.engine.techniques import aux_loss
-from vertebra.reference.twins import has_timm
 
 NAMES = ["googlenet", "googlenet_tv", "bn_inception", "inception_v2", "inception_v3", "inception_v4",
          "inception_resnet_v1", "inception_resnet_v2", "xception", "polynet"]
@@ -80,25 +79,6 @@ def test_inception_v3_aux_head_loads_from_torchvision():
     with torch.no_grad():
         torch.testing.assert_close(ours.aux_heads[0](feat), tv.AuxLogits(feat))
         torch.testing.assert_close(ours(x), tv(x))
-
-
-@pytest.mark.skipif(not has_timm(), reason="timm is not installed")
-def test_timm_inception_v3_twin():
-    import timm
-
-    torch.manual_seed(1)
-    twin = timm.create_model("inception_v3", pretrained=False).eval()
-    model = build("inception_v3").eval()
-    assert count_params(model) == count_params(twin)
-    vertebra.load_reference_weights(model, twin.state_dict(), source="timm")
-    x = torch.randn(2, 3, 80, 80)
-    with torch.no_grad():
-        ref = twin(x)
-        assert (model(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
-        fo = build("inception_v3", features_only=True).eval()
-        vertebra.load_reference_weights(fo, twin.state_dict(), source="timm")
-        for a, b in zip(fo(x), model.forward_features(x)):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 # -- sizes ---------------------------------------------------------------------------------

@@ -1,16 +1,13 @@
 """Pre-activation ResNet (He et al., ECCV 2016): unit order, the first and last activations,
-taps, stochastic depth, and agreement with timm's resnetv2_50."""
+taps and stochastic depth (agreement with timm's resnetv2_50 is in test_backbones.test_twin_equal)."""
 
 from __future__ import annotations
-
-import re
 
 import pytest
 import torch
 from torch import nn
 
 import vertebra
-from vertebra.backbone import count_params
 from vertebra.layers import PreActBottleneck
 
 
@@ -113,42 +110,3 @@ def test_features_only_matches_classification_trunk():
     assert [f.shape[1] for f in a] == [128, 256]
     torch.testing.assert_close(a[0], b[2], rtol=0, atol=0)
     torch.testing.assert_close(a[1], b[3], rtol=0, atol=0)
-
-
-def _from_timm_resnetv2(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """timm resnetv2 keys -> PreActResNet keys. timm's first pre-activation (stages.0.blocks.0.norm1)
-    runs after the max-pool; ours, as in the paper, before it (the stem's BN)."""
-    out = {}
-    for k, v in sd.items():
-        if k == "stem.conv.weight":
-            k = "conv1.conv.weight"
-        elif k.startswith("stages.0.blocks.0.norm1."):
-            k = "conv1.bn." + k.rsplit(".", 1)[1]
-        elif m := re.match(r"stages\.(\d)\.blocks\.0\.norm1\.(.+)$", k):
-            k = f"norm{int(m[1])}.{m[2]}"
-        elif m := re.match(r"stages\.(\d)\.blocks\.(\d+)\.(.+)$", k):
-            rest = m[3].replace("downsample.conv.", "shortcut.")
-            rest = re.sub(r"^norm(\d)\.", r"bn\1.", rest)
-            k = f"layer{int(m[1]) + 1}.{m[2]}.{rest}"
-        elif k.startswith("norm."):
-            k = "norm4." + k[len("norm."):]
-        elif k == "head.fc.weight":
-            v = v.flatten(1)
-        out[k] = v
-    return out
-
-
-def test_same_network_as_timm_resnetv2_50():
-    """timm's resnetv2_50 is the same network up to the order of the first BN-ReLU and the
-    max-pool, which commute when the BN scales are positive: with such weights the logits agree."""
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(1)
-    twin = timm.create_model("resnetv2_50").eval()
-    _randomise_bn(twin, positive=True)
-    model = build("preact_resnet50").eval()
-    assert count_params(model) == count_params(twin)
-    model.load_state_dict(_from_timm_resnetv2(twin.state_dict()), strict=True)
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        ref, ours = twin(x), model(x)
-    assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()

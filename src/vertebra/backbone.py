@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["Backbone", "FeatureInfo"]
@@ -35,14 +34,16 @@ class Backbone(nn.Module):
     #: attribute names of the modules that exist only for classification
     head_attrs: tuple[str, ...] = ("head", "aux_heads")
 
-    def __init__(self) -> None:
+    def __init__(self, in_chans: int = 3, num_classes: int = 0) -> None:
         super().__init__()
         self.feature_info: list[FeatureInfo] = []
         self.features_only = False
         self.out_indices: tuple[int, ...] = ()
+        #: the smallest input side the network runs on; a network whose geometry allows less (or
+        #: needs more) sets it in its constructor: it is the one place this figure lives
         self.min_input_size = 32
-        self.in_chans = 3
-        self.num_classes = 0
+        self.in_chans = in_chans
+        self.num_classes = num_classes
         self.spec = None
 
     # -- to be written by each network ------------------------------------------------
@@ -144,14 +145,6 @@ def init_weights(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def channels_of(features: Sequence[Tensor]) -> list[int]:
-    return [int(f.shape[1]) for f in features]
-
-
-def dummy_input(model: Backbone, size: int | None = None, batch: int = 2, device=None) -> Tensor:
-    s = size or max(model.min_input_size, 64)
-    return torch.randn(batch, model.in_chans, s, s, device=device)
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    """The number of parameters (only those with ``requires_grad`` when ``trainable_only``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

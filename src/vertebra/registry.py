@@ -1,9 +1,16 @@
 """The registry of backbones: ``@register`` and the look-ups.
 
 Every network module in ``vertebra.backbones`` registers each of its variants with
-``@register(name, family=..., paper=..., ...)`` on a builder function. The paper facts
-(parameter counts, GMACs, errors, the torchvision/timm twin) come from
-``reference/architectures.tsv``; a module states what the table does not know.
+``@register(name, family=..., paper=..., ...)`` on a builder function. Each fact has one home:
+
+- the module (``@register``) states what the network *is*: family, paper, year, arXiv id,
+  whether it has residual branches stochastic depth can drop (``supports_drop_path``), and the
+  torchvision/timm twins beyond the table's (``references``); the network class states its
+  smallest input (``Backbone.min_input_size``, which may depend on the constructor arguments);
+- ``reference/architectures.tsv`` holds the figures: parameter count and tolerance, GMACs,
+  errors, dataset, input size, the primary twin and where each figure comes from. Its
+  family/paper/year/arxiv columns are the fact sheet's own copy: the registry does not read
+  them, and ``tests/test_backbones.py`` fails if a filled cell disagrees with ``@register``.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from dataclasses import dataclass, field
 from .reference import facts_for
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "NORMALIZATION", "BackboneSpec", "register", "list_backbones",
-           "backbone_spec", "get_builder", "create_backbone"]
+           "list_families", "backbone_spec", "create_backbone"]
 
 
 #: the per-channel statistics of each training set, for input normalisation (RGB, 0..1 pixels)
@@ -45,13 +52,17 @@ class BackboneSpec:
     paper_params_m: float | None
     paper_gmacs: float | None
     paper_top1_err: float | None
-    reference: str | None  # "torchvision:resnet50", "timm:inception_v3" or None
+    reference: str | None  # "torchvision:resnet50", "timm:inception_v3" or None: references[0]
     # beyond the contract: what the tests and the CLI need
     params_tol_pct: float = 2.0
     paper_top5_err: float | None = None
     paper_cifar_err: str | None = None
     source: str = ""
-    min_input_size: int = 32
+    #: every torchvision/timm network that is this network (same outputs for the same weights), the
+    #: facts table's twin first; each has a key map in ``vertebra.reference.keymaps``
+    references: tuple[str, ...] = ()
+    #: whether ``drop_path_rate`` (stochastic depth) has residual branches to drop
+    supports_drop_path: bool = True
     defaults: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -93,13 +104,17 @@ def register(
     arxiv: str | None = None,
     dataset: str | None = None,
     input_size: tuple[int, int, int] | None = None,
-    min_input_size: int = 32,
+    references: tuple[str, ...] = (),
+    supports_drop_path: bool = True,
     **defaults,
 ):
     """Register a builder under ``name``; the facts table fills in the paper's figures.
 
-    ``defaults`` are architecture keyword arguments that make this variant what it is
-    (depth, width, ...); they are passed to the builder and may be overridden by a caller.
+    ``references`` are twins beyond the facts table's (it lists one per network), as
+    "torchvision:NAME" / "timm:NAME". ``supports_drop_path=False`` for networks without residual
+    branches: ``create_backbone`` then refuses a non-zero ``drop_path_rate`` and does not pass
+    one to the builder. ``defaults`` are architecture keyword arguments that make this variant
+    what it is (depth, width, ...); they are passed to the builder and may be overridden by a caller.
     """
 
     def deco(fn: Callable) -> Callable:
@@ -113,27 +128,30 @@ def register(
             size = tuple(int(v) for v in row["input_size"].split("x"))
         else:
             size = (3, 224, 224)
-        twin = (row.get("twin") or "").strip() or None
-        if twin and "@" in twin:
-            twin = twin.split("@", 1)[0]
+        twin = (row.get("twin") or "").split("@", 1)[0].strip()
+        refs = ((twin,) if twin else ()) + tuple(references)
+        bad = [r for r in refs if r.split(":", 1)[0] not in ("torchvision", "timm") or ":" not in r]
+        if bad or len(set(refs)) != len(refs):
+            raise ValueError(f"backbone {name!r}: references {refs} must be distinct 'torchvision:NAME' / 'timm:NAME'")
         spec = BackboneSpec(
             name=name,
-            family=row.get("family") or family,
-            paper=row.get("paper") or paper,
-            year=int(row["year"]) if row.get("year") else year,
-            arxiv=(row.get("arxiv") if row.get("arxiv") not in (None, "", "none") else arxiv),
+            family=family,
+            paper=paper,
+            year=year,
+            arxiv=arxiv,
             dataset=ds,
             input_size=size,
             num_classes=_DATASET_CLASSES[ds],
             paper_params_m=_float(row.get("params_m", "")),
             paper_gmacs=_float(row.get("paper_gmacs", "")),
             paper_top1_err=_float(row.get("paper_top1_err", "")),
-            reference=twin,
+            reference=refs[0] if refs else None,
             params_tol_pct=_float(row.get("tol_pct", "")) or 2.0,
             paper_top5_err=_float(row.get("paper_top5_err", "")),
             paper_cifar_err=(row.get("paper_cifar_err") or None),
             source=row.get("source", ""),
-            min_input_size=min_input_size,
+            references=refs,
+            supports_drop_path=supports_drop_path,
             defaults=dict(defaults),
         )
         _REGISTRY[name] = (spec, fn)
@@ -170,22 +188,18 @@ def list_backbones(family: str | None = None) -> list[str]:
     fam = family.lower()
     names = sorted(n for n, (s, _) in _REGISTRY.items() if s.family.lower() == fam)
     if not names:
-        fams = sorted({s.family for s, _ in _REGISTRY.values()})
-        raise KeyError(f"unknown family {family!r}; families: {', '.join(fams)}")
+        raise KeyError(f"unknown family {family!r}; families: {', '.join(list_families())}")
     return names
 
 
 def list_families() -> list[str]:
+    """Sorted family names (what ``list_backbones(family)`` accepts)."""
     _load_all()
     return sorted({s.family for s, _ in _REGISTRY.values()})
 
 
 def backbone_spec(name: str) -> BackboneSpec:
     return _lookup(name)[0]
-
-
-def get_builder(name: str) -> Callable:
-    return _lookup(name)[1]
 
 
 def create_backbone(
@@ -211,14 +225,17 @@ def create_backbone(
     kwargs = dict(spec.defaults)
     kwargs.update(arch_kwargs)
     preset_rate = kwargs.pop("drop_path_rate", 0.0)
+    rate = preset_rate if drop_path_rate is None else drop_path_rate
+    if spec.supports_drop_path:
+        kwargs["drop_path_rate"] = rate
+    elif rate:
+        raise ValueError(f"{name} has no residual branches to drop: drop_path_rate must be 0, got {rate}")
     model = builder(
         num_classes=spec.num_classes if num_classes is None else num_classes,
         in_chans=spec.input_size[0] if in_chans is None else in_chans,
-        drop_path_rate=preset_rate if drop_path_rate is None else drop_path_rate,
         **kwargs,
     )
     model.spec = spec
-    model.min_input_size = max(model.min_input_size, spec.min_input_size)
     model.configure_outputs(features_only=features_only, out_strides=out_strides)
     if weights is not None:
         from .weights import load_weights

@@ -42,8 +42,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..backbone import Backbone, FeatureInfo
-from ..layers import ConvBnAct
-from ..layers.fc_head import FCHead
+from ..layers import FCHead, conv_relu, lrn
 from ..registry import register
 
 __all__ = ["AlexNet"]
@@ -55,38 +54,25 @@ _LAYOUTS = {
 }
 
 
-def lrn() -> nn.LocalResponseNorm:
-    """Sec. 3.3: k=2, n=5, alpha=1e-4, beta=0.75 as the paper writes it (alpha not divided by n)."""
-    return nn.LocalResponseNorm(size=5, alpha=5 * 1e-4, beta=0.75, k=2.0)
-
-
-def conv(in_ch: int, out_ch: int, k: int, stride: int = 1, padding: int = 0, groups: int = 1) -> ConvBnAct:
-    """Convolution with bias and ReLU, no BatchNorm (children ``conv``, ``act``)."""
-    return ConvBnAct(in_ch, out_ch, k, stride, padding, groups=groups, bias=True, bn=False)
-
-
 class AlexNet(Backbone):
     """AlexNet; ``layout="paper"`` (two towers as groups, LRN) or ``"torchvision"``."""
 
-    def __init__(self, layout: str = "paper", num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.5,
-                 drop_path_rate: float = 0.0) -> None:
-        super().__init__()
+    def __init__(self, layout: str = "paper", num_classes: int = 1000, in_chans: int = 3,
+                 drop_rate: float = 0.5) -> None:
+        super().__init__(in_chans, num_classes)
         if layout not in _LAYOUTS:
             raise ValueError(f"layout must be one of {', '.join(_LAYOUTS)}, got {layout!r}")
-        if drop_path_rate:
-            raise ValueError("AlexNet has no residual blocks: drop_path_rate must be 0")
         (c1, c2, c3, c4, c5), (g1, g2, g3, g4, g5), use_lrn = _LAYOUTS[layout]
-        self.in_chans, self.num_classes = in_chans, num_classes
         self.min_input_size = 63
-        self.conv1 = conv(in_chans, c1, 11, 4, 2, g1)
+        self.conv1 = conv_relu(in_chans, c1, 11, 4, 2, g1)
         self.lrn1 = lrn() if use_lrn else nn.Identity()
         self.pool1 = nn.MaxPool2d(3, 2)
-        self.conv2 = conv(c1, c2, 5, 1, 2, g2)
+        self.conv2 = conv_relu(c1, c2, 5, 1, 2, g2)
         self.lrn2 = lrn() if use_lrn else nn.Identity()
         self.pool2 = nn.MaxPool2d(3, 2)
-        self.conv3 = conv(c2, c3, 3, 1, 1, g3)
-        self.conv4 = conv(c3, c4, 3, 1, 1, g4)
-        self.conv5 = conv(c4, c5, 3, 1, 1, g5)
+        self.conv3 = conv_relu(c2, c3, 3, 1, 1, g3)
+        self.conv4 = conv_relu(c3, c4, 3, 1, 1, g4)
+        self.conv5 = conv_relu(c4, c5, 3, 1, 1, g5)
         self.pool5 = nn.MaxPool2d(3, 2)
         self.feature_info = [FeatureInfo("conv1", c1, 4), FeatureInfo("conv2", c2, 8), FeatureInfo("conv5", c5, 16),
                              FeatureInfo("pool5", c5, 32)]
@@ -112,7 +98,7 @@ class AlexNet(Backbone):
 
 
 _PAPER = dict(family="AlexNet", paper="ImageNet Classification with Deep Convolutional Neural Networks (NIPS 2012)",
-              year=2012, min_input_size=63)
+              year=2012, supports_drop_path=False)
 
 
 @register("alexnet", **_PAPER, layout="paper")

@@ -63,7 +63,7 @@ from ..registry import register
 
 _CONDENSE = dict(family="CondenseNet",
                  paper="CondenseNet: An Efficient DenseNet using Learned Group Convolutions (CVPR 2018)",
-                 year=2017, arxiv="1711.09224")
+                 year=2017, arxiv="1711.09224", supports_drop_path=False)
 
 
 class BnActConv(nn.Sequential):
@@ -124,18 +124,14 @@ class CondenseHead(nn.Module):
 class CondenseNet(Backbone):
     def __init__(self, layers=(4, 6, 8, 10, 8), growth=(8, 16, 32, 64, 128), groups: int = 4, condense_factor: int = 4,
                  bottleneck: int = 4, stem_stride: int = 2, condensed: bool = True, condense_fc: bool = True,
-                 num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0) -> None:
-        super().__init__()
-        if drop_path_rate:
-            raise ValueError("CondenseNet has no residual branches to drop: drop_path_rate must be 0")
+                 num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0) -> None:
+        super().__init__(in_chans, num_classes)
         if len(layers) != len(growth):
             raise ValueError(f"one growth rate per dense block: {len(layers)} blocks, {len(growth)} rates")
         self.arch = dict(layers=tuple(layers), growth=tuple(growth), groups=groups, condense_factor=condense_factor,
                          bottleneck=bottleneck, stem_stride=stem_stride, condense_fc=condense_fc,
                          num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
         self.condensed = condensed
-        self.in_chans, self.num_classes = in_chans, num_classes
         ch = 2 * growth[0]
         self.stem = nn.Conv2d(in_chans, ch, 3, stem_stride, 1, bias=False)
         self.pool = nn.AvgPool2d(2, 2)
@@ -211,7 +207,6 @@ def condense(model: CondenseNet) -> CondenseNet:
         model.set_progress(1.0)  # apply the remaining condensing stages (the schedule ends at progress 0.5)
     new = CondenseNet(condensed=True, **model.arch).to(model.stem.weight.device, model.stem.weight.dtype)
     new.spec = model.spec
-    new.min_input_size = model.min_input_size
     src = copy.deepcopy(model)
     targets = dict(new.named_modules())
     for name, mod in src.named_modules():

@@ -42,7 +42,7 @@ from ..layers import ClassifierHead, ConvBnAct
 from ..registry import register
 
 _DENSENET = dict(family="DenseNet", paper="Densely Connected Convolutional Networks (CVPR 2017)", year=2016,
-                 arxiv="1608.06993")
+                 arxiv="1608.06993", supports_drop_path=False)
 
 
 class DenseLayer(nn.Module):
@@ -128,11 +128,8 @@ class DenseNet(Backbone):
     def __init__(self, block_config: tuple[int, ...] = (6, 12, 24, 16), growth_rate: int = 32,
                  num_init_features: int | None = None, bn_size: int = 4, compression: float = 0.5,
                  cifar: bool = False, drop_rate: float = 0.0, memory_efficient: bool = False,
-                 num_classes: int = 1000, in_chans: int = 3, drop_path_rate: float = 0.0):
-        super().__init__()
-        if drop_path_rate:
-            raise ValueError("DenseNet has no residual branches: drop_path_rate must be 0 (use drop_rate for dropout)")
-        self.in_chans, self.num_classes = in_chans, num_classes
+                 num_classes: int = 1000, in_chans: int = 3):
+        super().__init__(in_chans, num_classes)
         self.cifar = cifar
         ch = num_init_features or 2 * growth_rate
         if cifar:
@@ -185,12 +182,12 @@ class DenseNet(Backbone):
             i += 1
 
 
-@register("densenet121", **_DENSENET, block_config=(6, 12, 24, 16), growth_rate=32)
+@register("densenet121", **_DENSENET, references=("timm:densenet121",), block_config=(6, 12, 24, 16), growth_rate=32)
 @register("densenet169", **_DENSENET, block_config=(6, 12, 32, 32), growth_rate=32)
 @register("densenet201", **_DENSENET, block_config=(6, 12, 48, 32), growth_rate=32)
 @register("densenet264", **_DENSENET, block_config=(6, 12, 64, 48), growth_rate=32)
 @register("densenet161", **_DENSENET, block_config=(6, 12, 36, 24), growth_rate=48, num_init_features=96)
-@register("densenet_bc_100_12", **_DENSENET, min_input_size=8, block_config=(16, 16, 16), growth_rate=12,
+@register("densenet_bc_100_12", **_DENSENET, block_config=(16, 16, 16), growth_rate=12,
           cifar=True)
 def densenet(**kw) -> DenseNet:
     return DenseNet(**kw)

@@ -85,8 +85,7 @@ class DPN(Backbone):
     def __init__(self, k_sec: tuple[int, ...], inc_sec: tuple[int, ...], k_r: int, groups: int,
                  num_init_features: int = 64, small: bool = False, num_classes: int = 1000, in_chans: int = 3,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0):
-        super().__init__()
-        self.in_chans, self.num_classes = in_chans, num_classes
+        super().__init__(in_chans, num_classes)
         k = 3 if small else 7
         self.stem = ConvBnAct(in_chans, num_init_features, k, 2, bn_eps=_EPS)
         self.pool = nn.MaxPool2d(3, 2, 1)

@@ -38,11 +38,11 @@ from torch import Tensor, nn
 
 from ..backbone import FeatureInfo, init_weights
 from ..layers import ClassifierHead, ConvBnAct
-from ..layers.inception import AuxBackbone, Concat, cbr, no_drop_path
+from ..layers.inception import AuxBackbone, Concat, cbr
 from ..registry import register
 
 _GOOGLENET = dict(family="Inception", paper="Going Deeper with Convolutions (CVPR 2015)", year=2014,
-                  arxiv="1409.4842")
+                  arxiv="1409.4842", supports_drop_path=False)
 
 # Table 1: (#1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj)
 _CFG = {
@@ -100,14 +100,12 @@ class GoogLeNet(AuxBackbone):
     """GoogLeNet; ``layout="paper"`` (LRN, 5x5, biases) or ``"torchvision"`` (BN, 3x3)."""
 
     def __init__(self, layout: str = "paper", num_classes: int = 1000, in_chans: int = 3, aux_logits: bool = False,
-                 drop_rate: float = 0.4, aux_drop_rate: float = 0.7, drop_path_rate: float = 0.0):
-        super().__init__()
+                 drop_rate: float = 0.4, aux_drop_rate: float = 0.7):
+        super().__init__(in_chans, num_classes)
         if layout not in ("paper", "torchvision"):
             raise ValueError(f"layout must be 'paper' or 'torchvision', got {layout!r}")
-        no_drop_path("GoogLeNet", drop_path_rate)
         bn = layout == "torchvision"
         conv = _conv_factory(bn)
-        self.in_chans, self.num_classes = in_chans, num_classes
         self.conv1 = conv(in_chans, 64, 7, 2, 3)
         self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
         # Caffe LRN: size 5, alpha 1e-4, beta 0.75, k 1 (alpha divided by size, as here)

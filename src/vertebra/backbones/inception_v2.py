@@ -41,9 +41,8 @@ from torch import Tensor, nn
 
 from ..backbone import Backbone, FeatureInfo, init_weights
 from ..layers import ClassifierHead, ConvBnAct
-from ..layers.inception import Concat, cbr, max_pool, no_drop_path
+from ..layers.inception import Concat, cbr, inception_a, inception_b, inception_c, max_pool, reduction_17, reduction_35
 from ..registry import register
-from .inception_v3 import inception_a, inception_b, inception_c, reduction_17, reduction_35
 
 _BN = dict(family="Inception", year=2015, arxiv="1502.03167",
            paper="Batch Normalization: Accelerating Deep Network Training by Reducing Internal Covariate Shift "
@@ -89,10 +88,8 @@ def bn_inception_module(in_ch: int, cfg) -> tuple[Concat, int]:
 
 class BNInception(Backbone):
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,
-                 separable_stem: bool = True, drop_path_rate: float = 0.0):
-        super().__init__()
-        no_drop_path("BN-Inception", drop_path_rate)
-        self.in_chans, self.num_classes = in_chans, num_classes
+                 separable_stem: bool = True):
+        super().__init__(in_chans, num_classes)
         if separable_stem:  # 7x7/2 depthwise (multiplier 8) -> 1x1 -> BN -> ReLU
             self.conv1 = nn.Sequential(nn.Conv2d(in_chans, in_chans * 8, 7, 2, 3, groups=in_chans, bias=False),
                                        ConvBnAct(in_chans * 8, 64, 1))
@@ -127,7 +124,7 @@ class BNInception(Backbone):
         yield self.inception5b(self.inception5a(self.inception4e(x)))
 
 
-@register("bn_inception", **_BN)
+@register("bn_inception", **_BN, supports_drop_path=False)
 def bn_inception(**kw) -> BNInception:
     return BNInception(**kw)
 
@@ -135,10 +132,8 @@ def bn_inception(**kw) -> BNInception:
 class InceptionV2(Backbone):
     """The Rethinking paper's Table 1 network."""
 
-    def __init__(self, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.5, drop_path_rate: float = 0.0):
-        super().__init__()
-        no_drop_path("Inception-v2", drop_path_rate)
-        self.in_chans, self.num_classes = in_chans, num_classes
+    def __init__(self, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.5):
+        super().__init__(in_chans, num_classes)
         self.min_input_size = 75
         self.conv1 = cbr(in_chans, 32, 3, 2)     # 149
         self.conv2 = cbr(32, 32, 3)              # 147
@@ -169,6 +164,6 @@ class InceptionV2(Backbone):
         yield self.mixed_8(self.reduce_17(x))
 
 
-@register("inception_v2", **_RETHINK, min_input_size=75)
+@register("inception_v2", **_RETHINK, supports_drop_path=False)
 def inception_v2(**kw) -> InceptionV2:
     return InceptionV2(**kw)

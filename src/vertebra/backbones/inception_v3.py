@@ -43,70 +43,20 @@ from torch import Tensor, nn
 
 from ..backbone import FeatureInfo, init_weights
 from ..layers import ClassifierHead
-from ..layers.inception import AuxBackbone, Concat, avg_pool, cbr, max_pool, no_drop_path
+from ..layers.inception import (
+    AuxBackbone,
+    cbr,
+    inception_a,
+    inception_b,
+    inception_c,
+    max_pool,
+    reduction_17,
+    reduction_35,
+)
 from ..registry import register
 
 _RETHINK = dict(family="Inception", paper="Rethinking the Inception Architecture for Computer Vision (CVPR 2016)",
                 year=2015, arxiv="1512.00567")
-
-
-def _pool_proj(in_ch: int, out_ch: int) -> nn.Sequential:
-    return nn.Sequential(avg_pool(count_include_pad=True), cbr(in_ch, out_ch, 1))
-
-
-def inception_a(in_ch: int, pool_ch: int, k5: int = 5) -> Concat:
-    """35x35 module (Fig. 5). ``k5=5``: the released 1x1->5x5 branch; ``k5=3``: the paper's
-    factorisation of the 5x5 into a 3x3 (the double-3x3 branch is the other factorised 5x5)."""
-    return Concat(
-        cbr(in_ch, 64, 1),
-        nn.Sequential(cbr(in_ch, 48, 1), cbr(48, 64, k5, p=k5 // 2)),
-        nn.Sequential(cbr(in_ch, 64, 1), cbr(64, 96, 3, p=1), cbr(96, 96, 3, p=1)),
-        _pool_proj(in_ch, pool_ch),
-    )
-
-
-def reduction_35(in_ch: int) -> Concat:
-    """35 -> 17 grid reduction (Fig. 10): out = 384 + 96 + in_ch."""
-    return Concat(
-        cbr(in_ch, 384, 3, 2),
-        nn.Sequential(cbr(in_ch, 64, 1), cbr(64, 96, 3, p=1), cbr(96, 96, 3, 2)),
-        max_pool(),
-    )
-
-
-def inception_b(in_ch: int, c7: int) -> Concat:
-    """17x17 module (Fig. 6, n = 7): 1x7/7x1 factorised branches, 768 out."""
-    return Concat(
-        cbr(in_ch, 192, 1),
-        nn.Sequential(cbr(in_ch, c7, 1), cbr(c7, c7, (1, 7), p=(0, 3)), cbr(c7, 192, (7, 1), p=(3, 0))),
-        nn.Sequential(cbr(in_ch, c7, 1), cbr(c7, c7, (7, 1), p=(3, 0)), cbr(c7, c7, (1, 7), p=(0, 3)),
-                      cbr(c7, c7, (7, 1), p=(3, 0)), cbr(c7, 192, (1, 7), p=(0, 3))),
-        _pool_proj(in_ch, 192),
-    )
-
-
-def reduction_17(in_ch: int) -> Concat:
-    """17 -> 8 grid reduction: out = 320 + 192 + in_ch."""
-    return Concat(
-        nn.Sequential(cbr(in_ch, 192, 1), cbr(192, 320, 3, 2)),
-        nn.Sequential(cbr(in_ch, 192, 1), cbr(192, 192, (1, 7), p=(0, 3)), cbr(192, 192, (7, 1), p=(3, 0)),
-                      cbr(192, 192, 3, 2)),
-        max_pool(),
-    )
-
-
-def _split_1x3_3x1(ch: int) -> Concat:
-    return Concat(cbr(ch, 384, (1, 3), p=(0, 1)), cbr(ch, 384, (3, 1), p=(1, 0)))
-
-
-def inception_c(in_ch: int) -> Concat:
-    """8x8 module (Fig. 7): expanded filter-bank outputs, 2048 out."""
-    return Concat(
-        cbr(in_ch, 320, 1),
-        nn.Sequential(cbr(in_ch, 384, 1), _split_1x3_3x1(384)),
-        nn.Sequential(cbr(in_ch, 448, 1), cbr(448, 384, 3, p=1), _split_1x3_3x1(384)),
-        _pool_proj(in_ch, 192),
-    )
 
 
 class InceptionV3Aux(nn.Module):
@@ -125,11 +75,8 @@ class InceptionV3Aux(nn.Module):
 
 
 class InceptionV3(AuxBackbone):
-    def __init__(self, num_classes: int = 1000, in_chans: int = 3, aux_logits: bool = False, drop_rate: float = 0.5,
-                 drop_path_rate: float = 0.0):
-        super().__init__()
-        no_drop_path("Inception-v3", drop_path_rate)
-        self.in_chans, self.num_classes = in_chans, num_classes
+    def __init__(self, num_classes: int = 1000, in_chans: int = 3, aux_logits: bool = False, drop_rate: float = 0.5):
+        super().__init__(in_chans, num_classes)
         self.min_input_size = 75
         self.Conv2d_1a_3x3 = cbr(in_chans, 32, 3, 2)
         self.Conv2d_2a_3x3 = cbr(32, 32, 3)
@@ -169,6 +116,6 @@ class InceptionV3(AuxBackbone):
         yield self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))
 
 
-@register("inception_v3", **_RETHINK, min_input_size=75)
+@register("inception_v3", **_RETHINK, supports_drop_path=False, references=("timm:inception_v3",))
 def inception_v3(**kw) -> InceptionV3:
     return InceptionV3(**kw)

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ..backbone import Backbone, FeatureInfo, init_weights
 from ..layers import ClassifierHead, DropPath, drop_path_rates
-from ..layers.inception import Concat, avg_pool, cbr, max_pool, no_drop_path
+from ..layers.inception import Concat, avg_pool, cbr, max_pool
 from ..registry import register
 
 _V4 = dict(family="Inception", year=2016, arxiv="1602.07261",
@@ -110,11 +110,8 @@ def inception_c(in_ch: int = 1536) -> Concat:
 
 
 class InceptionV4(Backbone):
-    def __init__(self, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.2,
-                 drop_path_rate: float = 0.0):
-        super().__init__()
-        no_drop_path("Inception-v4", drop_path_rate)
-        self.in_chans, self.num_classes = in_chans, num_classes
+    def __init__(self, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.2):
+        super().__init__(in_chans, num_classes)
         self.min_input_size = 75
         self.stem, self.mixed_3a, self.stem_rest = v4_stem(in_chans)
         self.blocks_a = nn.Sequential(*[inception_a() for _ in range(4)])
@@ -140,7 +137,7 @@ class InceptionV4(Backbone):
         yield self.blocks_c(self.reduction_b(x))
 
 
-@register("inception_v4", **_V4, min_input_size=75)
+@register("inception_v4", **_V4, supports_drop_path=False)
 def inception_v4(**kw) -> InceptionV4:
     return InceptionV4(**kw)
 
@@ -202,12 +199,11 @@ class InceptionResNet(Backbone):
 
     def __init__(self, version: int = 2, layout: str = "released", num_classes: int = 1000, in_chans: int = 3,
                  drop_rate: float = 0.2, drop_path_rate: float = 0.0):
-        super().__init__()
+        super().__init__(in_chans, num_classes)
         if version not in (1, 2):
             raise ValueError(f"Inception-ResNet version must be 1 or 2, got {version!r}")
         if layout not in ("released", "paper"):
             raise ValueError(f"layout must be 'released' or 'paper', got {layout!r}")
-        self.in_chans, self.num_classes = in_chans, num_classes
         self.min_input_size = 75
         released = version == 2 and layout == "released"
         if version == 1:
@@ -265,7 +261,7 @@ class InceptionResNet(Backbone):
         yield self.conv_last(self.blocks_c(self.reduction_b(x)))
 
 
-@register("inception_resnet_v1", **_V4, min_input_size=75, version=1)
-@register("inception_resnet_v2", **_V4, min_input_size=75, version=2)
+@register("inception_resnet_v1", **_V4, version=1)
+@register("inception_resnet_v2", **_V4, version=2)
 def inception_resnet(**kw) -> InceptionResNet:
     return InceptionResNet(**kw)

@@ -171,11 +171,8 @@ class LeNetHead(nn.Module):
 class LeNet5(Backbone):
     """LeNet-5 (Fig. 2). Features: ``c1`` (6, s1), ``c3`` (16, s2), ``c5`` (120, s4)."""
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 1, drop_path_rate: float = 0.0) -> None:
-        super().__init__()
-        if drop_path_rate:
-            raise ValueError("LeNet-5 has no residual blocks: drop_path_rate must be 0")
-        self.in_chans, self.num_classes = in_chans, num_classes
+    def __init__(self, num_classes: int = 10, in_chans: int = 1) -> None:
+        super().__init__(in_chans, num_classes)
         self.c1 = nn.Conv2d(in_chans, 6, 5)
         self.s2 = Subsampling(6)
         self.c3 = SparseConv2d(6, C3_TABLE, 5)
@@ -219,7 +216,7 @@ class LeNet5(Backbone):
         yield self.act(self.c5(self.act(self.s4(x))))
 
 
-@register("lenet5", family="LeNet", paper="Gradient-Based Learning Applied to Document Recognition (Proc. IEEE 1998)",
-          year=1998, dataset="mnist", min_input_size=32)
+@register("lenet5", family="LeNet", paper="Gradient-Based Learning Applied to Document Recognition (Proc. IEEE 86(11))",
+          year=1998, dataset="mnist", supports_drop_path=False)
 def lenet5(**kw) -> LeNet5:
     return LeNet5(**kw)

@@ -26,13 +26,14 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..backbone import Backbone, FeatureInfo
-from ..layers import ConvBnAct, drop_path_rates, make_divisible
+from ..layers import ConvBnAct, ConvClassifierHead, drop_path_rates, make_divisible
 from ..layers.inverted_residual import InvertedResidual
 from ..registry import register
-from .mobilenet_v2 import ConvHead
 
 _MNAS = dict(family="MnasNet", paper="MnasNet: Platform-Aware Neural Architecture Search for Mobile (CVPR 2019)",
              year=2018, arxiv="1807.11626")
+# B1 is the network of the paper's arXiv v1, not of the CVPR version (whose models are A1-A3)
+_MNAS_B1 = {**_MNAS, "paper": "MnasNet (arXiv v1 model / tensorflow/tpu 'mnasnet-b1')"}
 
 # (expansion, kernel, channels, repeats, stride, se_ratio), grouped by the feature stride they end at
 _ARCHS = {
@@ -52,11 +53,10 @@ _ARCHS = {
 class MnasNet(Backbone):
     def __init__(self, arch: str = "a1", width_mult: float = 1.0, num_classes: int = 1000, in_chans: int = 3,
                  drop_rate: float = 0.2, drop_path_rate: float = 0.0) -> None:
-        super().__init__()
+        super().__init__(in_chans, num_classes)
         if arch not in _ARCHS:
             raise ValueError(f"arch must be one of {sorted(_ARCHS)}, got {arch!r}")
         cfg = _ARCHS[arch]
-        self.in_chans, self.num_classes = in_chans, num_classes
         ch = lambda c: make_divisible(c * width_mult, 8)  # noqa: E731
         in_ch = ch(32)
         self.stem = ConvBnAct(in_chans, in_ch, 3, 2)
@@ -70,7 +70,7 @@ class MnasNet(Backbone):
                     in_ch = ch(c)
             self.add_module(f"stage{i + 1}", nn.Sequential(*blocks))
             self.feature_info.append(FeatureInfo(f"stage{i + 1}", in_ch, 2 ** (i + 1)))
-        self.head = ConvHead(in_ch, 1280, num_classes, drop_rate, act=nn.ReLU)
+        self.head = ConvClassifierHead(in_ch, 1280, num_classes, drop_rate, act=nn.ReLU)
         self._init()
 
     def _init(self) -> None:
@@ -98,10 +98,10 @@ class MnasNet(Backbone):
         yield self.stage5(x)
 
 
-@register("mnasnet_a1", **_MNAS, arch="a1")
-@register("mnasnet_b1", **_MNAS, arch="b1")
-@register("mnasnet_b1_0_5", **_MNAS, arch="b1", width_mult=0.5)
-@register("mnasnet_b1_0_75", **_MNAS, arch="b1", width_mult=0.75)
-@register("mnasnet_b1_1_3", **_MNAS, arch="b1", width_mult=1.3)
+@register("mnasnet_a1", **_MNAS, references=("timm:semnasnet_100",), arch="a1")
+@register("mnasnet_b1", **_MNAS_B1, references=("timm:mnasnet_100",), arch="b1")
+@register("mnasnet_b1_0_5", **_MNAS_B1, references=("torchvision:mnasnet0_5",), arch="b1", width_mult=0.5)
+@register("mnasnet_b1_0_75", **_MNAS_B1, references=("torchvision:mnasnet0_75",), arch="b1", width_mult=0.75)
+@register("mnasnet_b1_1_3", **_MNAS_B1, references=("torchvision:mnasnet1_3",), arch="b1", width_mult=1.3)
 def mnasnet(**kw) -> MnasNet:
     return MnasNet(**kw)

@@ -31,7 +31,7 @@ from ..registry import register
 
 _MBV1 = dict(family="MobileNet",
              paper="MobileNets: Efficient Convolutional Neural Networks for Mobile Vision Applications (arXiv)",
-             year=2017, arxiv="1704.04861")
+             year=2017, arxiv="1704.04861", supports_drop_path=False)
 
 _ACTS = {"relu": nn.ReLU, "relu6": nn.ReLU6}
 
@@ -51,16 +51,13 @@ class DepthwiseSeparable(nn.Sequential):
 
 class MobileNetV1(Backbone):
     def __init__(self, width_mult: float = 1.0, num_classes: int = 1000, in_chans: int = 3, act: str = "relu",
-                 drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> None:
-        super().__init__()
-        if drop_path_rate:
-            raise ValueError("MobileNet v1 has no residual branches to drop: drop_path_rate must be 0")
+                 drop_rate: float = 0.0) -> None:
+        super().__init__(in_chans, num_classes)
         if act not in _ACTS:
             raise ValueError(f"act must be one of {sorted(_ACTS)}, got {act!r}")
         if width_mult <= 0:
             raise ValueError(f"width_mult must be > 0, got {width_mult}")
         act_layer = _ACTS[act]
-        self.in_chans, self.num_classes = in_chans, num_classes
         ch = lambda c: max(1, int(c * width_mult))  # noqa: E731
         in_ch = ch(32)
         self.stem = ConvBnAct(in_chans, in_ch, 3, 2, act=act_layer)

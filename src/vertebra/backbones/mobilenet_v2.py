@@ -25,7 +25,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..backbone import Backbone, FeatureInfo
-from ..layers import ConvBnAct, drop_path_rates, make_divisible
+from ..layers import ConvBnAct, ConvClassifierHead, drop_path_rates, make_divisible
 from ..layers.inverted_residual import InvertedResidual
 from ..registry import register
 
@@ -37,26 +37,10 @@ _CFG = (((1, 16, 1, 1),), ((6, 24, 2, 2),), ((6, 32, 3, 2),), ((6, 64, 4, 2), (6
         ((6, 160, 3, 2), (6, 320, 1, 1)))
 
 
-class ConvHead(nn.Module):
-    """1x1 conv -> BN -> act, global average pool, dropout, classifier (``conv``, ``fc``)."""
-
-    def __init__(self, in_ch: int, width: int, num_classes: int, drop_rate: float,
-                 act: type[nn.Module] = nn.ReLU6) -> None:
-        super().__init__()
-        self.conv = ConvBnAct(in_ch, width, 1, act=act)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
-        self.fc = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.drop(self.pool(self.conv(x)).flatten(1)))
-
-
 class MobileNetV2(Backbone):
     def __init__(self, width_mult: float = 1.0, num_classes: int = 1000, in_chans: int = 3,
                  drop_rate: float = 0.2, drop_path_rate: float = 0.0, round_nearest: int = 8) -> None:
-        super().__init__()
-        self.in_chans, self.num_classes = in_chans, num_classes
+        super().__init__(in_chans, num_classes)
         in_ch = make_divisible(32 * width_mult, round_nearest)
         self.stem = ConvBnAct(in_chans, in_ch, 3, 2, act=nn.ReLU6)
         rates = iter(drop_path_rates(drop_path_rate, sum(n for stage in _CFG for _, _, n, _ in stage)))
@@ -71,7 +55,7 @@ class MobileNetV2(Backbone):
             self.add_module(f"stage{i + 1}", nn.Sequential(*blocks))
             self.feature_info.append(FeatureInfo(f"stage{i + 1}", in_ch, 2 ** (i + 1)))
         last = make_divisible(1280 * max(1.0, width_mult), round_nearest)
-        self.head = ConvHead(in_ch, last, num_classes, drop_rate)
+        self.head = ConvClassifierHead(in_ch, last, num_classes, drop_rate, act=nn.ReLU6)
         self._init()
 
     def _init(self) -> None:
@@ -97,11 +81,11 @@ class MobileNetV2(Backbone):
         yield self.stage5(x)
 
 
-@register("mobilenet_v2", **_MBV2, width_mult=1.0)
+@register("mobilenet_v2", **_MBV2, references=("timm:mobilenetv2_100",), width_mult=1.0)
 @register("mobilenet_v2_0_35", **_MBV2, width_mult=0.35)
 @register("mobilenet_v2_0_5", **_MBV2, width_mult=0.5)
 @register("mobilenet_v2_0_75", **_MBV2, width_mult=0.75)
 @register("mobilenet_v2_1_3", **_MBV2, width_mult=1.3)
-@register("mobilenet_v2_1_4", **_MBV2, width_mult=1.4)
+@register("mobilenet_v2_1_4", **_MBV2, references=("timm:mobilenetv2_140",), width_mult=1.4)
 def mobilenet_v2(**kw) -> MobileNetV2:
     return MobileNetV2(**kw)

@@ -157,8 +157,7 @@ class PolyNet(Backbone):
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, n_a: int = 10,
                  n_b: int = 20, n_c: int = 10, poly_order: int = 3, ways: int = 2, scale_last: float = 0.7,
                  drop_rate: float = 0.2, drop_path_rate: float = 0.0):
-        super().__init__()
-        self.in_chans, self.num_classes = in_chans, num_classes
+        super().__init__(in_chans, num_classes)
         self.min_input_size = 75
         n = n_a + n_b + n_c
         scales = iter([1.0 - (1.0 - scale_last) * i / max(n - 1, 1) for i in range(n)])
@@ -206,6 +205,6 @@ class PolyNet(Backbone):
         yield self.stage_c(self.reduction_b(x))
 
 
-@register("polynet", **_POLY, min_input_size=75)
+@register("polynet", **_POLY)
 def polynet(**kw) -> PolyNet:
     return PolyNet(**kw)

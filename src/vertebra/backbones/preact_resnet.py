@@ -91,12 +91,11 @@ class PreActResNet(Backbone):
     def __init__(self, block: str, layers: list[int], widths: list[int] | None = None, *, cifar: bool = False,
                  num_classes: int = 1000, in_chans: int = 3, drop_path_rate: float = 0.0, drop_rate: float = 0.0,
                  stride_in_1x1: bool = False):
-        super().__init__()
+        super().__init__(in_chans, num_classes)
         unit = _UNITS[block]
         widths = list(widths or ((16, 32, 64) if cifar else (64, 128, 256, 512)))
         if len(widths) != len(layers):
             raise ValueError(f"{len(layers)} stages need {len(layers)} widths, got {widths}")
-        self.in_chans, self.num_classes = in_chans, num_classes
         self.cifar = cifar
         if cifar:
             self.min_input_size = 8

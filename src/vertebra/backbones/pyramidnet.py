@@ -110,8 +110,7 @@ class PyramidNet(Backbone):
 
     def __init__(self, depth: int, alpha: float, bottleneck: bool = False, cifar: bool = True,
                  num_classes: int = 10, in_chans: int = 3, drop_rate: float = 0.0, drop_path_rate: float = 0.0):
-        super().__init__()
-        self.in_chans, self.num_classes = in_chans, num_classes
+        super().__init__(in_chans, num_classes)
         self.cifar = cifar
         block = PyramidBottleneck if bottleneck else PyramidBasic
         if cifar:
@@ -164,10 +163,10 @@ class PyramidNet(Backbone):
             yield x
 
 
-@register("pyramidnet110_a48", **_PYRAMIDNET, min_input_size=8, depth=110, alpha=48)
-@register("pyramidnet110_a270", **_PYRAMIDNET, min_input_size=8, depth=110, alpha=270)
-@register("pyramidnet164_a270_bottleneck", **_PYRAMIDNET, min_input_size=8, depth=164, alpha=270, bottleneck=True)
-@register("pyramidnet272_a200_bottleneck", **_PYRAMIDNET, min_input_size=8, depth=272, alpha=200, bottleneck=True)
+@register("pyramidnet110_a48", **_PYRAMIDNET, depth=110, alpha=48)
+@register("pyramidnet110_a270", **_PYRAMIDNET, depth=110, alpha=270)
+@register("pyramidnet164_a270_bottleneck", **_PYRAMIDNET, depth=164, alpha=270, bottleneck=True)
+@register("pyramidnet272_a200_bottleneck", **_PYRAMIDNET, depth=272, alpha=200, bottleneck=True)
 @register("pyramidnet200_a300", **_PYRAMIDNET, depth=200, alpha=300, bottleneck=True, cifar=False)
 @register("pyramidnet200_a450", **_PYRAMIDNET, depth=200, alpha=450, bottleneck=True, cifar=False)
 def pyramidnet(**kw) -> PyramidNet:

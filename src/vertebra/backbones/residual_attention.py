@@ -108,8 +108,7 @@ class AttentionModule(nn.Module):
 class ResidualAttentionNet(Backbone):
     def __init__(self, modules_per_stage: tuple[int, int, int] = (1, 1, 1), cifar: bool = False,
                  num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0, drop_path_rate: float = 0.0):
-        super().__init__()
-        self.in_chans, self.num_classes = in_chans, num_classes
+        super().__init__(in_chans, num_classes)
         self.cifar = cifar
         # trunk units: the one opening each stage, p + t + p per module, two more in stage 4
         n_trunk = 4 + 2 + 4 * sum(modules_per_stage)

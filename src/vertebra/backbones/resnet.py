@@ -46,7 +46,7 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     def __init__(self, in_ch: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-                 groups: int = 1, base_width: int = 64, drop_path: float = 0.0, stride_in_1x1: bool = False):
+                 groups: int = 1, base_width: int = 64, drop_path: float = 0.0):
         super().__init__()
         if groups != 1 or base_width != 64:
             raise ValueError("the basic block has no groups or width factor (ResNeXt/WRN use bottlenecks)")
@@ -109,9 +109,11 @@ class ResNet(Backbone):
     def __init__(self, block: str, layers: list[int], num_classes: int = 1000, in_chans: int = 3,
                  groups: int = 1, base_width: int = 64, drop_path_rate: float = 0.0, drop_rate: float = 0.0,
                  stride_in_1x1: bool = False, zero_init_residual: bool = False):
-        super().__init__()
+        super().__init__(in_chans, num_classes)
         blk = {"basic": BasicBlock, "bottleneck": Bottleneck}[block]
-        self.in_chans, self.num_classes = in_chans, num_classes
+        if stride_in_1x1 and blk is BasicBlock:
+            raise ValueError("stride_in_1x1 places the stride on a bottleneck's 1x1; the basic block has none")
+        blk_kw = {"stride_in_1x1": stride_in_1x1} if blk is Bottleneck else {}
         self.conv1 = ConvBnAct(in_chans, 64, 7, 2, 3)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         rates = iter(drop_path_rates(drop_path_rate, sum(layers)))
@@ -124,7 +126,7 @@ class ResNet(Backbone):
             blocks = []
             for j in range(n):
                 blocks.append(blk(in_ch, planes, stride if j == 0 else 1, downsample if j == 0 else None,
-                                  groups, base_width, next(rates), stride_in_1x1))
+                                  groups, base_width, next(rates), **blk_kw))
                 in_ch = out_ch
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             self.feature_info.append(FeatureInfo(f"layer{i + 1}", out_ch, 4 * 2**i))
@@ -193,11 +195,10 @@ class CifarResNet(Backbone):
     blocks at 16/32/64 channels and 32/16/8 pixels, global pool, FC."""
 
     def __init__(self, depth: int = 110, num_classes: int = 10, in_chans: int = 3, drop_path_rate: float = 0.0):
-        super().__init__()
+        super().__init__(in_chans, num_classes)
         if (depth - 2) % 6:
             raise ValueError(f"a CIFAR ResNet has 6n+2 layers, got depth {depth}")
         n = (depth - 2) // 6
-        self.in_chans, self.num_classes = in_chans, num_classes
         self.min_input_size = 8
         self.conv1 = ConvBnAct(in_chans, 16, 3)
         rates = iter(drop_path_rates(drop_path_rate, 3 * n))
@@ -231,11 +232,10 @@ class CifarWideResNet(Backbone):
 
     def __init__(self, depth: int = 28, widen: int = 10, num_classes: int = 10, in_chans: int = 3,
                  drop_rate: float = 0.3, drop_path_rate: float = 0.0):
-        super().__init__()
+        super().__init__(in_chans, num_classes)
         if (depth - 4) % 6:
             raise ValueError(f"a WRN has 6n+4 layers, got depth {depth}")
         n = (depth - 4) // 6
-        self.in_chans, self.num_classes = in_chans, num_classes
         self.min_input_size = 8
         self.conv1 = nn.Conv2d(in_chans, 16, 3, 1, 1, bias=False)
         rates = iter(drop_path_rates(drop_path_rate, 3 * n))

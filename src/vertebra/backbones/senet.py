@@ -63,10 +63,9 @@ class SENet(Backbone):
     def __init__(self, layers: tuple[int, ...], kind: str = "resnet", groups: int = 1, base_width: int = 4,
                  reduction: int = 16, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0):
-        super().__init__()
+        super().__init__(in_chans, num_classes)
         if kind not in ("resnet", "resnext", "senet154"):
             raise ValueError(f"kind must be 'resnet', 'resnext' or 'senet154', got {kind!r}")
-        self.in_chans, self.num_classes = in_chans, num_classes
         if kind == "senet154":
             stem_ch = 128
             self.stem = nn.Sequential(

@@ -69,10 +69,9 @@ class ShuffleUnit(nn.Module):
 class ShuffleNet(Backbone):
     def __init__(self, groups: int = 3, scale: float = 1.0, num_classes: int = 1000, in_chans: int = 3,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> None:
-        super().__init__()
+        super().__init__(in_chans, num_classes)
         if groups not in _STAGE_CH:
             raise ValueError(f"groups must be one of {sorted(_STAGE_CH)} (Table 1), got {groups}")
-        self.in_chans, self.num_classes = in_chans, num_classes
         stem = int(24 * scale)
         self.conv1 = ConvBnAct(in_chans, stem, 3, 2)
         self.maxpool = nn.MaxPool2d(3, 2, 1)

@@ -14,7 +14,8 @@ input, the left one 3x3 depthwise/2-BN -> 1x1 conv-BN-ReLU, the right one as abo
 stride-2 depthwise; concatenation doubles the channels, then the shuffle.
 
 Features: 24 (s2, conv1), 24 (s4, after the max-pool), Stage2 (s8), Stage3 (s16), Stage4
-(s32). conv5 (1x1 to 1024/2048, BN, ReLU) exists for the classifier and sits in the head.
+(s32). conv5 (1x1 to 1024/2048, BN, ReLU) exists for the classifier and sits in the head
+(``head.conv``, a ``vertebra.layers.ConvClassifierHead``).
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ import torch
 from torch import Tensor, nn
 
 from ..backbone import Backbone, FeatureInfo, init_weights
-from ..layers import ConvBnAct, conv_bn
+from ..layers import ConvBnAct, ConvClassifierHead, conv_bn
 from ..layers.shuffle import channel_shuffle
 from ..registry import register
 
 _SNV2 = dict(family="ShuffleNet V2",
              paper="ShuffleNet V2: Practical Guidelines for Efficient CNN Architecture Design (ECCV 2018)",
-             year=2018, arxiv="1807.11164")
+             year=2018, arxiv="1807.11164", supports_drop_path=False)
 
 _WIDTHS = {0.5: (48, 96, 192, 1024), 1.0: (116, 232, 464, 1024), 1.5: (176, 352, 704, 1024),
            2.0: (244, 488, 976, 2048)}
@@ -60,30 +61,12 @@ class ShuffleV2Unit(nn.Module):
         return channel_shuffle(out, 2)
 
 
-class ConvHead(nn.Module):
-    """conv5 (1x1 conv-BN-ReLU), global average pool, FC (``conv5``, ``fc``)."""
-
-    def __init__(self, in_ch: int, width: int, num_classes: int, drop_rate: float = 0.0) -> None:
-        super().__init__()
-        self.conv5 = ConvBnAct(in_ch, width, 1)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
-        self.fc = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.drop(self.pool(self.conv5(x)).flatten(1)))
-
-
 class ShuffleNetV2(Backbone):
-    def __init__(self, width: float = 1.0, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0) -> None:
-        super().__init__()
-        if drop_path_rate:
-            raise ValueError("ShuffleNet V2 has no residual additions to drop: drop_path_rate must be 0")
+    def __init__(self, width: float = 1.0, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0) -> None:
+        super().__init__(in_chans, num_classes)
         if width not in _WIDTHS:
             raise ValueError(f"width must be one of {sorted(_WIDTHS)} (Table 5), got {width}")
         *stage_ch, last = _WIDTHS[width]
-        self.in_chans, self.num_classes = in_chans, num_classes
         self.conv1 = ConvBnAct(in_chans, 24, 3, 2)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         self.feature_info = [FeatureInfo("conv1", 24, 2), FeatureInfo("maxpool", 24, 4)]
@@ -93,7 +76,7 @@ class ShuffleNetV2(Backbone):
             in_ch = c
             self.add_module(f"stage{i + 2}", nn.Sequential(*units))
             self.feature_info.append(FeatureInfo(f"stage{i + 2}", c, 2 ** (i + 3)))
-        self.head = ConvHead(in_ch, last, num_classes, drop_rate)
+        self.head = ConvClassifierHead(in_ch, last, num_classes, drop_rate)  # conv5 is head.conv
         init_weights(self)
 
     def stages(self, x: Tensor):

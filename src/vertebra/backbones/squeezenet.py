@@ -33,8 +33,9 @@ from ..backbone import Backbone, FeatureInfo
 from ..registry import register
 
 _SQZ = dict(family="SqueezeNet",
-            paper="SqueezeNet: AlexNet-level accuracy with 50x fewer parameters and <0.5MB model size (arXiv)",
-            year=2016, arxiv="1602.07360")
+            paper="SqueezeNet: AlexNet-level accuracy with 50x fewer parameters and <0.5MB model size "
+                  "(arXiv; ICLR 2017 submission)",
+            year=2016, arxiv="1602.07360", supports_drop_path=False)
 
 
 class Fire(nn.Module):
@@ -86,15 +87,12 @@ class SqueezeNet(Backbone):
     """SqueezeNet v1.0 / v1.1, with the paper's optional bypasses (v1.0 layout)."""
 
     def __init__(self, version: str = "1_0", num_classes: int = 1000, in_chans: int = 3, bypass: str | None = None,
-                 drop_rate: float = 0.5, drop_path_rate: float = 0.0) -> None:
-        super().__init__()
-        if drop_path_rate:
-            raise ValueError("SqueezeNet has no residual branches to drop: drop_path_rate must be 0")
+                 drop_rate: float = 0.5) -> None:
+        super().__init__(in_chans, num_classes)
         if version not in ("1_0", "1_1"):
             raise ValueError(f"version must be '1_0' or '1_1', got {version!r}")
         if bypass not in (None, "simple", "complex"):
             raise ValueError(f"bypass must be None, 'simple' or 'complex', got {bypass!r}")
-        self.in_chans, self.num_classes = in_chans, num_classes
         if version == "1_0":
             self.conv1 = nn.Conv2d(in_chans, 96, 7, 2)
             stem, pools_after = 96, (2, 6)  # pools after conv1 and after fire4 and fire8 (indices 2, 6)
@@ -144,7 +142,7 @@ class SqueezeNet(Backbone):
 
 
 @register("squeezenet1_0", **_SQZ, version="1_0")
-@register("squeezenet1_1", **_SQZ, version="1_1")
+@register("squeezenet1_1", **{**_SQZ, "paper": "forresti/SqueezeNet repo v1.1 (not in paper)"}, version="1_1")
 @register("squeezenet1_0_simple_bypass", **_SQZ, version="1_0", bypass="simple")
 @register("squeezenet1_0_complex_bypass", **_SQZ, version="1_0", bypass="complex")
 def squeezenet(**kw) -> SqueezeNet:

@@ -39,8 +39,7 @@ from collections import OrderedDict
 from torch import Tensor, nn
 
 from ..backbone import Backbone, FeatureInfo, init_weights
-from ..layers import ConvBnAct
-from ..layers.fc_head import FCHead
+from ..layers import ConvBnAct, FCHead
 from ..registry import register
 
 __all__ = ["VGG", "VGG_CONFIGS"]
@@ -55,13 +54,10 @@ class VGG(Backbone):
     convolutions ``conv{b}_{i}``; the max-pools are the parameter-free ``pool``."""
 
     def __init__(self, depth: int = 16, batch_norm: bool = False, num_classes: int = 1000, in_chans: int = 3,
-                 drop_rate: float = 0.5, drop_path_rate: float = 0.0) -> None:
-        super().__init__()
+                 drop_rate: float = 0.5) -> None:
+        super().__init__(in_chans, num_classes)
         if depth not in VGG_CONFIGS:
             raise ValueError(f"VGG depth must be one of {sorted(VGG_CONFIGS)}, got {depth}")
-        if drop_path_rate:
-            raise ValueError("VGG has no residual blocks: drop_path_rate must be 0")
-        self.in_chans, self.num_classes = in_chans, num_classes
         self.batch_norm = batch_norm
         in_ch = in_chans
         for b, (n, ch) in enumerate(zip(VGG_CONFIGS[depth], _WIDTHS), start=1):
@@ -95,7 +91,7 @@ class VGG(Backbone):
 
 
 _VGG = dict(family="VGG", paper="Very Deep Convolutional Networks for Large-Scale Image Recognition (ICLR 2015)",
-            year=2014, arxiv="1409.1556")
+            year=2014, arxiv="1409.1556", supports_drop_path=False)
 
 
 @register("vgg11", **_VGG, depth=11)

@@ -78,8 +78,7 @@ class XceptionBlock(nn.Module):
 class Xception(Backbone):
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, middle_blocks: int = 8, drop_rate: float = 0.5,
                  drop_path_rate: float = 0.0):
-        super().__init__()
-        self.in_chans, self.num_classes = in_chans, num_classes
+        super().__init__(in_chans, num_classes)
         rates = iter(drop_path_rates(drop_path_rate, middle_blocks + 4))
         self.conv1 = ConvBnAct(in_chans, 32, 3, 2, 0)
         self.conv2 = ConvBnAct(32, 64, 3, 1, 0)

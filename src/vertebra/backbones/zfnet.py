@@ -37,9 +37,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..backbone import Backbone, FeatureInfo
-from ..layers.fc_head import FCHead
+from ..layers import FCHead, conv_relu, lrn
 from ..registry import register
-from .alexnet import conv, lrn
 
 __all__ = ["ZFNet"]
 
@@ -47,22 +46,18 @@ __all__ = ["ZFNet"]
 class ZFNet(Backbone):
     """The Fig. 3 network."""
 
-    def __init__(self, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.5,
-                 drop_path_rate: float = 0.0) -> None:
-        super().__init__()
-        if drop_path_rate:
-            raise ValueError("ZFNet has no residual blocks: drop_path_rate must be 0")
-        self.in_chans, self.num_classes = in_chans, num_classes
+    def __init__(self, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.5) -> None:
+        super().__init__(in_chans, num_classes)
         self.min_input_size = 47
-        self.conv1 = conv(in_chans, 96, 7, 2, 1)
+        self.conv1 = conv_relu(in_chans, 96, 7, 2, 1)
         self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
         self.lrn1 = lrn()
-        self.conv2 = conv(96, 256, 5, 2, 0)
+        self.conv2 = conv_relu(96, 256, 5, 2, 0)
         self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
         self.lrn2 = lrn()
-        self.conv3 = conv(256, 384, 3, 1, 1)
-        self.conv4 = conv(384, 384, 3, 1, 1)
-        self.conv5 = conv(384, 256, 3, 1, 1)
+        self.conv3 = conv_relu(256, 384, 3, 1, 1)
+        self.conv4 = conv_relu(384, 384, 3, 1, 1)
+        self.conv5 = conv_relu(384, 256, 3, 1, 1)
         self.pool5 = nn.MaxPool2d(3, 2, ceil_mode=True)
         self.feature_info = [FeatureInfo("conv1", 96, 2), FeatureInfo("pool1", 96, 4), FeatureInfo("conv2", 256, 8),
                              FeatureInfo("conv5", 256, 16), FeatureInfo("pool5", 256, 32)]
@@ -85,6 +80,6 @@ class ZFNet(Backbone):
 
 
 @register("zfnet", family="ZFNet", paper="Visualizing and Understanding Convolutional Networks (ECCV 2014)",
-          year=2013, arxiv="1311.2901", min_input_size=47)
+          year=2013, arxiv="1311.2901", supports_drop_path=False)
 def zfnet(**kw) -> ZFNet:
     return ZFNet(**kw)

@@ -1,7 +1,8 @@
 """Pieces the Inception line shares (GoogLeNet, BN-Inception, Inception-v2/v3/v4,
 Inception-ResNet, PolyNet): parallel branches concatenated on channels, the conv-BN-ReLU
-with the TF-slim BatchNorm epsilon, and a backbone base class for networks with auxiliary
-classifiers.
+with the TF-slim BatchNorm epsilon, a backbone base class for networks with auxiliary
+classifiers, and the 35/17/8 modules and grid reductions of "Rethinking the Inception
+Architecture" that Inception-v2 and -v3 share.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from torch import Tensor, nn
 from ..backbone import Backbone
 from .conv_bn import ConvBnAct
 
-__all__ = ["AuxBackbone", "Concat", "cbr", "avg_pool", "max_pool", "no_drop_path"]
+__all__ = ["AuxBackbone", "Concat", "cbr", "avg_pool", "max_pool", "inception_a", "inception_b", "inception_c",
+           "reduction_17", "reduction_35"]
 
 
 def cbr(in_ch: int, out_ch: int, k=1, s: int = 1, p=0, eps: float = 1e-3) -> ConvBnAct:
@@ -45,10 +47,67 @@ def max_pool(stride: int = 2, padding: int = 0, ceil_mode: bool = False) -> nn.M
     return nn.MaxPool2d(3, stride, padding, ceil_mode=ceil_mode)
 
 
-def no_drop_path(name: str, rate: float) -> None:
-    """Non-residual networks accept ``drop_path_rate`` only at 0."""
-    if rate:
-        raise ValueError(f"{name} has no residual branches: drop_path_rate must be 0, got {rate}")
+# -- the modules of "Rethinking the Inception Architecture" (Szegedy et al., CVPR 2016), which
+# Inception-v2 (its Table 1 network) and Inception-v3 (the released graph) share
+
+
+def _pool_proj(in_ch: int, out_ch: int) -> nn.Sequential:
+    return nn.Sequential(avg_pool(count_include_pad=True), cbr(in_ch, out_ch, 1))
+
+
+def inception_a(in_ch: int, pool_ch: int, k5: int = 5) -> Concat:
+    """35x35 module (Fig. 5). ``k5=5``: the released 1x1->5x5 branch; ``k5=3``: the paper's
+    factorisation of the 5x5 into a 3x3 (the double-3x3 branch is the other factorised 5x5)."""
+    return Concat(
+        cbr(in_ch, 64, 1),
+        nn.Sequential(cbr(in_ch, 48, 1), cbr(48, 64, k5, p=k5 // 2)),
+        nn.Sequential(cbr(in_ch, 64, 1), cbr(64, 96, 3, p=1), cbr(96, 96, 3, p=1)),
+        _pool_proj(in_ch, pool_ch),
+    )
+
+
+def reduction_35(in_ch: int) -> Concat:
+    """35 -> 17 grid reduction (Fig. 10): out = 384 + 96 + in_ch."""
+    return Concat(
+        cbr(in_ch, 384, 3, 2),
+        nn.Sequential(cbr(in_ch, 64, 1), cbr(64, 96, 3, p=1), cbr(96, 96, 3, 2)),
+        max_pool(),
+    )
+
+
+def inception_b(in_ch: int, c7: int) -> Concat:
+    """17x17 module (Fig. 6, n = 7): 1x7/7x1 factorised branches, 768 out."""
+    return Concat(
+        cbr(in_ch, 192, 1),
+        nn.Sequential(cbr(in_ch, c7, 1), cbr(c7, c7, (1, 7), p=(0, 3)), cbr(c7, 192, (7, 1), p=(3, 0))),
+        nn.Sequential(cbr(in_ch, c7, 1), cbr(c7, c7, (7, 1), p=(3, 0)), cbr(c7, c7, (1, 7), p=(0, 3)),
+                      cbr(c7, c7, (7, 1), p=(3, 0)), cbr(c7, 192, (1, 7), p=(0, 3))),
+        _pool_proj(in_ch, 192),
+    )
+
+
+def reduction_17(in_ch: int) -> Concat:
+    """17 -> 8 grid reduction: out = 320 + 192 + in_ch."""
+    return Concat(
+        nn.Sequential(cbr(in_ch, 192, 1), cbr(192, 320, 3, 2)),
+        nn.Sequential(cbr(in_ch, 192, 1), cbr(192, 192, (1, 7), p=(0, 3)), cbr(192, 192, (7, 1), p=(3, 0)),
+                      cbr(192, 192, 3, 2)),
+        max_pool(),
+    )
+
+
+def _split_1x3_3x1(ch: int) -> Concat:
+    return Concat(cbr(ch, 384, (1, 3), p=(0, 1)), cbr(ch, 384, (3, 1), p=(1, 0)))
+
+
+def inception_c(in_ch: int) -> Concat:
+    """8x8 module (Fig. 7): expanded filter-bank outputs, 2048 out."""
+    return Concat(
+        cbr(in_ch, 320, 1),
+        nn.Sequential(cbr(in_ch, 384, 1), _split_1x3_3x1(384)),
+        nn.Sequential(cbr(in_ch, 448, 1), cbr(448, 384, 3, p=1), _split_1x3_3x1(384)),
+        _pool_proj(in_ch, 192),
+    )
 
 
 class AuxBackbone(Backbone):

@@ -8,7 +8,7 @@ CondenseNet's learned group convolution shuffles its output to mix the groups of
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
 
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
@@ -17,15 +17,3 @@ def channel_shuffle(x: Tensor, groups: int) -> Tensor:
         return x
     n, c, h, w = x.shape
     return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
-
-
-class ChannelShuffle(nn.Module):
-    def __init__(self, groups: int) -> None:
-        super().__init__()
-        self.groups = int(groups)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return channel_shuffle(x, self.groups)
-
-    def extra_repr(self) -> str:
-        return f"groups={self.groups}"

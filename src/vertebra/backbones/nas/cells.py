@@ -320,8 +320,7 @@ class CellNet(Backbone):
     def __init__(self, plan: Sequence[CellPlan], stem_channels: int, num_classes: int = 1000,
                  in_chans: int = 3, drop_rate: float = 0.0, drop_path_rate: float = 0.0, tf_same: bool = False,
                  aux_logits: bool = False, aux_grid: int = 4) -> None:
-        super().__init__()
-        self.in_chans, self.num_classes = in_chans, num_classes
+        super().__init__(in_chans, num_classes)
         self.conv0 = ConvBnAct(in_chans, stem_channels, 3, 2, padding=0, act=None, bn_eps=BN_EPS)
         widths, strides = [stem_channels], [2]
         rates = drop_path_rates(drop_path_rate, len(plan))

@@ -1,7 +1,10 @@
 """Key maps from torchvision/timm state_dicts to vertebra's module names.
 
 One module per family, beside this file; each registers converters with
-``@keymap(source, *name_patterns)``. A converter takes the twin's state_dict and the
+``@keymap(source, *names)``: registry names, or fnmatch patterns over them (``"mobilenet_v2_*"``;
+``tests/test_backbones.py`` fails on a name or pattern that matches no registered backbone, and on
+a spec reference without a key map). A detector's key map says ``detector=True``: it matches the
+detector's name (``retinanet_resnet50_fpn``). A converter takes the twin's state_dict and the
 vertebra model and returns a state_dict with vertebra's names (nothing else: the loader
 checks it strictly against the model).
 """
@@ -17,16 +20,16 @@ from collections.abc import Callable, Iterable, Mapping
 from torch import Tensor
 
 Converter = Callable[[Mapping[str, Tensor], object], dict[str, Tensor]]
-_KEYMAPS: list[tuple[str, str, Converter]] = []
+_KEYMAPS: list[tuple[str, str, Converter, bool]] = []
 _LOADED = False
 
 
-def keymap(source: str, *patterns: str):
+def keymap(source: str, *patterns: str, detector: bool = False):
     """Register a converter for ``source`` ("torchvision" | "timm") and registry-name patterns."""
 
     def deco(fn: Converter) -> Converter:
         for p in patterns:
-            _KEYMAPS.append((source, p, fn))
+            _KEYMAPS.append((source, p, fn, detector))
         return fn
 
     return deco
@@ -40,9 +43,16 @@ def _load_all() -> None:
         _LOADED = True
 
 
+def registered_keymaps(detectors: bool = False) -> list[tuple[str, str]]:
+    """Every (source, backbone-name pattern) a converter is registered for (detector names instead
+    with ``detectors=True``)."""
+    _load_all()
+    return [(src, pattern) for src, pattern, _, det in _KEYMAPS if det == detectors]
+
+
 def find_keymap(source: str, name: str) -> Converter | None:
     _load_all()
-    for src, pattern, fn in _KEYMAPS:
+    for src, pattern, fn, _ in _KEYMAPS:
         if src == source and fnmatch.fnmatchcase(name, pattern):
             return fn
     return None

@@ -12,6 +12,6 @@ def mnasnet_torchvision(sd, model):
     return pair_by_order(sd, model, ("layers.14.", "layers.15.", "classifier."))
 
 
-@keymap("timm", "mnasnet_a1", "mnasnet_a1_*", "mnasnet_b1", "mnasnet_b1_*")
+@keymap("timm", "mnasnet_a1", "mnasnet_b1", "mnasnet_b1_*")
 def mnasnet_timm(sd, model):
     return pair_by_order(sd, model, ("conv_head.", "bn2.", "classifier."))

@@ -28,7 +28,7 @@ _RULES = [
 _V1_HEAD = re.compile(r"^(head\.(?:classification|regression)_head\.conv)\.(\d+)\.(weight|bias)$")
 
 
-@keymap("torchvision", "retinanet_*_fpn")
+@keymap("torchvision", "retinanet_*_fpn", detector=True)
 def retinanet_keys(sd, model):
     body, rest = {}, {}
     for k, v in sd.items():

@@ -1,5 +1,5 @@
 """torchvision ShuffleNet V2 keys -> vertebra.backbones.shufflenet_v2 (same tensors, same order;
-conv5 and fc form the head)."""
+torchvision's conv5 and fc form the head: ``head.conv`` and ``head.fc``)."""
 
 from __future__ import annotations
 

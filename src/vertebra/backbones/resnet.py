@@ -150,18 +150,22 @@ class ResNet(Backbone):
         yield self.layer4(x)
 
 
-@register("resnet18", **_RESNET, block="basic", layers=(2, 2, 2, 2))
-@register("resnet34", **_RESNET, block="basic", layers=(3, 4, 6, 3))
-@register("resnet50", **_RESNET, block="bottleneck", layers=(3, 4, 6, 3))
-@register("resnet101", **_RESNET, block="bottleneck", layers=(3, 4, 23, 3))
-@register("resnet152", **_RESNET, block="bottleneck", layers=(3, 8, 36, 3))
-@register("resnext50_32x4d", **_RESNEXT, block="bottleneck", layers=(3, 4, 6, 3), groups=32, base_width=4)
+@register("resnet18", **_RESNET, references=("timm:resnet18",), block="basic", layers=(2, 2, 2, 2))
+@register("resnet34", **_RESNET, references=("timm:resnet34",), block="basic", layers=(3, 4, 6, 3))
+@register("resnet50", **_RESNET, references=("timm:resnet50",), block="bottleneck", layers=(3, 4, 6, 3))
+@register("resnet101", **_RESNET, references=("timm:resnet101",), block="bottleneck", layers=(3, 4, 23, 3))
+@register("resnet152", **_RESNET, references=("timm:resnet152",), block="bottleneck", layers=(3, 8, 36, 3))
+@register("resnext50_32x4d", **_RESNEXT, references=("timm:resnext50_32x4d",), block="bottleneck", layers=(3, 4, 6, 3),
+          groups=32, base_width=4)
 @register("resnext101_32x4d", **_RESNEXT, block="bottleneck", layers=(3, 4, 23, 3), groups=32, base_width=4)
-@register("resnext101_64x4d", **_RESNEXT, block="bottleneck", layers=(3, 4, 23, 3), groups=64, base_width=4)
-@register("wide_resnet50_2", **_WIDE, block="bottleneck", layers=(3, 4, 6, 3), base_width=128)
-@register("wide_resnet101_2", **_WIDE, block="bottleneck", layers=(3, 4, 23, 3), base_width=128)
-@register("resnet152_sd", **_SD, dataset="imagenet", block="bottleneck", layers=(3, 8, 36, 3),
-          drop_path_rate=0.5)
+@register("resnext101_64x4d", **_RESNEXT, references=("timm:resnext101_64x4d",), block="bottleneck",
+          layers=(3, 4, 23, 3), groups=64, base_width=4)
+@register("wide_resnet50_2", **_WIDE, references=("timm:wide_resnet50_2",), block="bottleneck", layers=(3, 4, 6, 3),
+          base_width=128)
+@register("wide_resnet101_2", **_WIDE, references=("timm:wide_resnet101_2",), block="bottleneck", layers=(3, 4, 23, 3),
+          base_width=128)
+@register("resnet152_sd", **_SD, dataset="imagenet", references=("torchvision:resnet152", "timm:resnet152"),
+          block="bottleneck", layers=(3, 8, 36, 3), drop_path_rate=0.5)
 def resnet(*, block, layers, **kw) -> ResNet:
     return ResNet(block, list(layers), **kw)
 

@@ -183,10 +183,11 @@ class DenseNet(Backbone):
 
 
 @register("densenet121", **_DENSENET, references=("timm:densenet121",), block_config=(6, 12, 24, 16), growth_rate=32)
-@register("densenet169", **_DENSENET, block_config=(6, 12, 32, 32), growth_rate=32)
-@register("densenet201", **_DENSENET, block_config=(6, 12, 48, 32), growth_rate=32)
+@register("densenet169", **_DENSENET, references=("timm:densenet169",), block_config=(6, 12, 32, 32), growth_rate=32)
+@register("densenet201", **_DENSENET, references=("timm:densenet201",), block_config=(6, 12, 48, 32), growth_rate=32)
 @register("densenet264", **_DENSENET, block_config=(6, 12, 64, 48), growth_rate=32)
-@register("densenet161", **_DENSENET, block_config=(6, 12, 36, 24), growth_rate=48, num_init_features=96)
+@register("densenet161", **_DENSENET, references=("timm:densenet161",), block_config=(6, 12, 36, 24), growth_rate=48,
+          num_init_features=96)
 @register("densenet_bc_100_12", **_DENSENET, block_config=(16, 16, 16), growth_rate=12,
           cifar=True)
 def densenet(**kw) -> DenseNet:

@@ -100,8 +100,10 @@ class MnasNet(Backbone):
 
 @register("mnasnet_a1", **_MNAS, references=("timm:semnasnet_100",), arch="a1")
 @register("mnasnet_b1", **_MNAS_B1, references=("timm:mnasnet_100",), arch="b1")
-@register("mnasnet_b1_0_5", **_MNAS_B1, references=("torchvision:mnasnet0_5",), arch="b1", width_mult=0.5)
-@register("mnasnet_b1_0_75", **_MNAS_B1, references=("torchvision:mnasnet0_75",), arch="b1", width_mult=0.75)
+@register("mnasnet_b1_0_5", **_MNAS_B1, references=("torchvision:mnasnet0_5", "timm:mnasnet_050"), arch="b1",
+          width_mult=0.5)
+@register("mnasnet_b1_0_75", **_MNAS_B1, references=("torchvision:mnasnet0_75", "timm:mnasnet_075"), arch="b1",
+          width_mult=0.75)
 @register("mnasnet_b1_1_3", **_MNAS_B1, references=("torchvision:mnasnet1_3",), arch="b1", width_mult=1.3)
 def mnasnet(**kw) -> MnasNet:
     return MnasNet(**kw)

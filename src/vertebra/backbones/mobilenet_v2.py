@@ -82,9 +82,9 @@ class MobileNetV2(Backbone):
 
 
 @register("mobilenet_v2", **_MBV2, references=("timm:mobilenetv2_100",), width_mult=1.0)
-@register("mobilenet_v2_0_35", **_MBV2, width_mult=0.35)
-@register("mobilenet_v2_0_5", **_MBV2, width_mult=0.5)
-@register("mobilenet_v2_0_75", **_MBV2, width_mult=0.75)
+@register("mobilenet_v2_0_35", **_MBV2, references=("timm:mobilenetv2_035",), width_mult=0.35)
+@register("mobilenet_v2_0_5", **_MBV2, references=("timm:mobilenetv2_050",), width_mult=0.5)
+@register("mobilenet_v2_0_75", **_MBV2, references=("timm:mobilenetv2_075",), width_mult=0.75)
 @register("mobilenet_v2_1_3", **_MBV2, width_mult=1.3)
 @register("mobilenet_v2_1_4", **_MBV2, references=("timm:mobilenetv2_140",), width_mult=1.4)
 def mobilenet_v2(**kw) -> MobileNetV2:

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,10 +125,14 @@ def _subcommands(parser):
     return action.choices
 
 
-def test_every_subcommand_is_registered():
+def test_every_subcommand_has_a_handler():
     subs = _subcommands(build_parser())
     assert set(COMMANDS) <= set(subs)
-    assert "shapes" in _subcommands(subs["data"])
+    leaves = {n: p for n, p in subs.items() if n != "data"}
+    leaves.update({f"data {n}": p for n, p in _subcommands(subs["data"]).items()})
+    assert "data shapes" in leaves
+    for name, p in leaves.items():
+        assert callable(p.get_default("handler")), name
 
 
 def test_help_lists_the_commands():
@@ -136,3 +141,10 @@ def test_help_lists_the_commands():
     for name in COMMANDS:
         assert re.search(rf"\b{name}\b", proc.stdout), name
 
+
+
+def test_no_argparse_outside_cli():
+    src = Path(vertebra.__file__).parent
+    offenders = [str(p.relative_to(src)) for p in sorted(src.rglob("*.py"))
+                 if p.relative_to(src).parts[0] != "cli" and re.search(r"\bargparse\b", p.read_text())]
+    assert not offenders, f"argparse outside vertebra/cli/: {offenders}"

@@ -11,7 +11,7 @@ import sys
 
 from rich.markup import escape
 
-from . import bench, data, train
+from . import bench, data, export, train
 from ._console import console, err_console
 
 __all__ = ["build_parser", "main", "console", "err_console"]
@@ -22,19 +22,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     bench.register(sub)
     train.register(sub)
-    # until cli/export.py exists: export.py still registers its own parser (with func=, not handler=)
-    from ..export import register_commands as register_export
-
-    register_export(sub)
+    export.register(sub)
     data.register(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = getattr(args, "handler", None) or args.func
     try:
-        return int(handler(args) or 0)
+        return int(args.handler(args) or 0)
     except (KeyError, ValueError, FileNotFoundError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         err_console.print(f"[bold red]error:[/] {escape(str(msg))}")

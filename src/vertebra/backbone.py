@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["Backbone", "FeatureInfo"]
@@ -119,6 +120,17 @@ class Backbone(nn.Module):
             if i == last:
                 break
         return out
+
+    def prepare_inference(self, dtype: torch.dtype | None = None, channels_last: bool = True, *,
+                          fold_bn: bool = True, fuse: bool = True) -> Backbone:
+        """In place, for inference (eval mode): BatchNorm folded, conv + act fused, weights channels_last
+        and in ``dtype``; the input is converted to match and the output comes back as float32 (see
+        ``vertebra.inference``). Irreversible. Returns self."""
+        from .inference import prepare_module
+
+        self.eval()
+        prepare_module(self, dtype, channels_last, fold_bn=fold_bn, fuse=fuse)
+        return self
 
     def forward(self, x: Tensor):
         if self.features_only:

@@ -53,17 +53,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._io import atomic_write
+
 __all__ = [
     "ExportCheck",
     "RetinaNetExport",
     "check_onnx",
     "check_program",
+    "check_retinanet_onnx",
+    "check_retinanet_program",
+    "compare_detections",
     "export_onnx",
     "export_program",
     "export_retinanet_onnx",
+    "export_retinanet_program",
     "onnx_friendly",
     "preprocess_for_export",
-    "register_commands",
+    "reference_detections",
+    "retinanet_sidecar",
+    "sample_detection_batch",
     "write_atomic",
 ]
 
@@ -71,21 +79,7 @@ DEFAULT_OPSET = 17
 
 
 # -- files ------------------------------------------------------------------------------------------------------------
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    try:
-        if isinstance(data, str):
-            tmp.write_text(data, encoding="utf-8")
-        else:
-            tmp.write_bytes(data)
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return p
+write_atomic = atomic_write  # the old name; vertebra._io.atomic_write is the one writer
 
 
 # -- export-friendly modules ------------------------------------------------------------------------------------------
@@ -220,7 +214,7 @@ def export_onnx(model: nn.Module, out: str | os.PathLike | io.BytesIO | None, ex
     if isinstance(out, io.BytesIO):
         out.write(data)
     elif out is not None:
-        write_atomic(out, data)
+        atomic_write(out, data)
     return data
 
 
@@ -255,8 +249,9 @@ class ExportCheck:
                 f"tolerance {self.tol:.3g})" + "".join(f"\n  {d}" for d in self.details))
 
 
-def _compare(outs: Sequence[Any], refs: Sequence[Tensor], rtol: float, atol: float, label: str,
-             acc: list[tuple[float, float, str]]) -> None:
+def _compare(outs: Sequence[Any], refs: Sequence[Tensor], label: str, acc: list[tuple[float, float, str]]) -> None:
+    """Append (max abs difference, PyTorch's output scale, a line) per output; the tolerance is applied by
+    :func:`_summarise`."""
     import numpy as np
 
     for name, o, r in zip(range(len(refs)), outs, refs):
@@ -299,7 +294,7 @@ def check_onnx(model: nn.Module, onnx_model: bytes | str | os.PathLike, inputs: 
             ref = model(x)
         refs = list(ref) if isinstance(ref, (list, tuple)) else [ref]
         outs = sess.run(None, {in_name: x.numpy()})
-        _compare(outs, refs, rtol, atol, f"input {tuple(x.shape)}", acc)
+        _compare(outs, refs, f"input {tuple(x.shape)}", acc)
     return _summarise(acc, rtol, atol)
 
 
@@ -332,7 +327,7 @@ def export_program(model: nn.Module, out: str | os.PathLike | None, example: Ten
 def save_program(ep, out: str | os.PathLike) -> Path:
     buf = io.BytesIO()
     torch.export.save(ep, buf)
-    return write_atomic(out, buf.getvalue())
+    return atomic_write(out, buf.getvalue())
 
 
 def check_program(model: nn.Module, program, inputs: Sequence[Tensor], *, rtol: float = 1e-4,
@@ -349,295 +344,22 @@ def check_program(model: nn.Module, program, inputs: Sequence[Tensor], *, rtol: 
             out = mod(x)
         refs = list(ref) if isinstance(ref, (list, tuple)) else [ref]
         outs = list(out) if isinstance(out, (list, tuple)) else [out]
-        _compare(outs, refs, rtol, atol, f"input {tuple(x.shape)}", acc)
+        _compare(outs, refs, f"input {tuple(x.shape)}", acc)
     return _summarise(acc, rtol, atol)
 
 
-# -- RetinaNet --------------------------------------------------------------------------------------------------------
-def preprocess_for_export(images, size: int, mean: Sequence[float] = (0.485, 0.456, 0.406),
-                          std: Sequence[float] = (0.229, 0.224, 0.225), pad_multiple: int = 32
-                          ) -> tuple[Tensor, Tensor, Tensor]:
-    """The preprocessing that goes with an exported RetinaNet (its sidecar gives size, mean, std).
-
-    ``images``: a float tensor ``B x 3 x H x W`` or a list of ``3 x H x W`` in 0..1. Each image is
-    normalised ``(x - mean) / std``, resized (bilinear) by ``scale = min(size / H, size / W)`` so
-    that it fits the ``size x size`` canvas, and zero-padded at the bottom/right.
-
-    Returns ``(batch [B, 3, size, size], image_sizes [B, 2] int64 (h, w) inside the canvas,
-    scales [B])``; boxes of the exported model divided by ``scales[b]`` are in original pixels.
-    """
-    if size % pad_multiple:
-        raise ValueError(f"the canvas size {size} must be a multiple of {pad_multiple}")
-    if isinstance(images, Tensor):
-        images = list(images[None] if images.dim() == 3 else images)
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    batch = torch.zeros(len(images), 3, size, size)
-    sizes, scales = [], []
-    for i, im in enumerate(images):
-        if im.dim() != 3 or not im.is_floating_point():
-            raise ValueError(f"images[{i}] must be a float 3 x H x W tensor in 0..1, got {tuple(im.shape)} {im.dtype}")
-        h, w = im.shape[-2:]
-        scale = min(size / h, size / w)
-        x = F.interpolate((im[None].float() - m) / s, scale_factor=scale, mode="bilinear",
-                          recompute_scale_factor=True, align_corners=False)[0]
-        rh, rw = min(x.shape[-2], size), min(x.shape[-1], size)
-        batch[i, :, :rh, :rw] = x[:, :rh, :rw]
-        sizes.append((rh, rw))
-        scales.append(scale)
-    return batch, torch.tensor(sizes, dtype=torch.int64), torch.tensor(scales, dtype=torch.float32)
-
-
-class _NonMaxSuppression(torch.autograd.Function):
-    """ONNX ``NonMaxSuppression`` (boxes [B, M, 4] xyxy, scores [B, K, M]) -> selected [S, 3] (b, k, m).
-
-    Eagerly: torchvision's NMS per (image, class), scores above the threshold, at most
-    ``max_per_class`` per (image, class); under ``torch.onnx.export`` it becomes the ONNX operator.
-    """
-
-    @staticmethod
-    def forward(ctx, boxes: Tensor, scores: Tensor, max_per_class: int, iou: float, score_thresh: float) -> Tensor:
-        return _nms_eager(boxes, scores, max_per_class, iou, score_thresh)
-
-    @staticmethod
-    def symbolic(g, boxes, scores, max_per_class, iou, score_thresh):
-        mx = g.op("Constant", value_t=torch.tensor([max_per_class], dtype=torch.int64))
-        it = g.op("Constant", value_t=torch.tensor([iou], dtype=torch.float32))
-        st = g.op("Constant", value_t=torch.tensor([score_thresh], dtype=torch.float32))
-        return g.op("NonMaxSuppression", boxes, scores, mx, it, st, center_point_box_i=0)
-
-
-def _nms_eager(boxes: Tensor, scores: Tensor, max_per_class: int, iou: float, score_thresh: float) -> Tensor:
-    """Eager NMS of every (image, class): selected ``[S, 3]`` (image, class, candidate), by score.
-
-    ``max_per_class`` is not applied: the caller keeps the best ``detections_per_img`` of each
-    image, and those are always among the best ``detections_per_img`` of their class.
-    """
-    from torchvision.ops import batched_nms, nms
-
-    b, k, m = scores.shape
-    bi, ki, mi = (scores > score_thresh).nonzero(as_tuple=True)
-    group = bi * k + ki
-    bx, sc = boxes[bi, mi], scores[bi, ki, mi]
-    if torch.compiler.is_exporting():
-        # torch.export: no data-dependent branch (batched_nms picks an algorithm by size); offset the
-        # boxes of every (image, class) group apart, as batched_nms does for small inputs
-        offsets = group.to(bx.dtype) * (boxes.max() + 1.0)  # boxes: all candidates, never empty
-        keep = nms(bx + offsets[:, None], sc, iou)
-    else:
-        keep = batched_nms(bx, sc, group, iou)
-    return torch.stack((bi[keep], ki[keep], mi[keep]), dim=1)
-
-
-class RetinaNetExport(nn.Module):
-    """A RetinaNet as one exportable graph: ``(images, image_sizes) -> (boxes, scores, labels, batch_index)``.
-
-    See the module docstring for the tensors. ``images`` is the normalised, padded canvas of
-    :func:`preprocess_for_export`; the anchors are computed for ``canvas`` (H, W) at construction.
-    """
-
-    def __init__(self, model, canvas: tuple[int, int]) -> None:
-        super().__init__()
-        from .detection.boxes import decode_boxes
-
-        self._decode = decode_boxes
-        self.net = model.net
-        post = model.postprocess
-        self.num_classes = int(model.num_classes)
-        self.score_thresh, self.nms_thresh = post.score_thresh, post.nms_thresh
-        self.detections_per_img, self.topk_candidates = post.detections_per_img, post.topk_candidates
-        self.canvas = tuple(int(v) for v in canvas)
-        with torch.no_grad():
-            probe = torch.zeros(1, self.net.backbone.in_chans, *self.canvas)
-            levels = self.net.pyramid(probe)
-        sizes = [tuple(int(s) for s in f.shape[-2:]) for f in levels]
-        anchors = model.anchor_generator(self.canvas, sizes, dtype=torch.float32)
-        a = model.anchor_generator.num_anchors_per_location()
-        self.per_level = [h * w * n for (h, w), n in zip(sizes, a)]
-        self.register_buffer("anchors", anchors.clone(), persistent=False)
-
-    def _nms(self, boxes: Tensor, scores: Tensor) -> Tensor:
-        if torch.onnx.is_in_onnx_export():
-            return _NonMaxSuppression.apply(boxes, scores, self.detections_per_img, self.nms_thresh,
-                                            self.score_thresh)
-        return _nms_eager(boxes, scores, self.detections_per_img, self.nms_thresh, self.score_thresh)
-
-    def forward(self, images: Tensor, image_sizes: Tensor):
-        cls_logits, bbox_regression = self.net(images)
-        b, _, k = cls_logits.shape
-        boxes_l, scores_l, labels_l = [], [], []
-        start = 0
-        for n in self.per_level:
-            s = torch.sigmoid(cls_logits[:, start:start + n]).reshape(b, n * k)
-            top = min(self.topk_candidates, n * k)
-            vals, idx = s.topk(top, dim=1)
-            anchor = torch.div(idx, k, rounding_mode="floor")
-            labels_l.append(idx - anchor * k)
-            anchor = anchor + start
-            codes = bbox_regression.gather(1, anchor.unsqueeze(-1).expand(b, top, 4))
-            boxes_l.append(self._decode(codes, self.anchors[anchor.reshape(-1)].reshape(b, top, 4)))
-            scores_l.append(vals)
-            start += n
-        boxes = torch.cat(boxes_l, 1)
-        scores = torch.cat(scores_l, 1)
-        labels = torch.cat(labels_l, 1)
-        hw = image_sizes.to(boxes.dtype)
-        upper = torch.stack((hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]), dim=1).unsqueeze(1)
-        boxes = torch.minimum(boxes.clamp(min=0), upper)
-        # one score row per class: the candidate's score where it is of that class, -1 elsewhere
-        onehot = labels.unsqueeze(1) == torch.arange(k, device=labels.device).view(1, k, 1)
-        per_class = torch.where(onehot, scores.unsqueeze(1), torch.full_like(scores.unsqueeze(1), -1.0))
-        sel = self._nms(boxes, per_class)  # [S, 3]: image, class, candidate
-        bi, ki, mi = sel[:, 0], sel[:, 1], sel[:, 2]
-        det_scores = scores[bi, mi]
-        det_boxes = boxes[bi, mi]
-        # by image, then by score (descending); the best detections_per_img of each image
-        key = bi.to(det_scores.dtype) * 4.0 - det_scores
-        order = torch.argsort(key)
-        bi, ki, det_scores, det_boxes = bi[order], ki[order], det_scores[order], det_boxes[order]
-        counts = (bi.unsqueeze(0) == torch.arange(b, device=bi.device).unsqueeze(1)).sum(1)
-        first = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(bi.shape[0], device=bi.device) - first[bi]
-        keep = rank < self.detections_per_img
-        return det_boxes[keep], det_scores[keep], ki[keep], bi[keep]
-
-
-def retinanet_sidecar(model, canvas: int, categories: Sequence[str] | None = None) -> dict[str, Any]:
-    t = model.transform
-    return {
-        "format": "vertebra-retinanet-export",
-        "version": 1,
-        "name": model.name,
-        "backbone": model.net.backbone.name,
-        "num_classes": int(model.num_classes),
-        "categories": list(categories) if categories else None,
-        "mean": [float(v) for v in t.image_mean.flatten()],
-        "std": [float(v) for v in t.image_std.flatten()],
-        "size": [canvas, canvas],
-        "pad_multiple": int(t.size_divisible),
-        "score_thresh": model.postprocess.score_thresh,
-        "nms_thresh": model.postprocess.nms_thresh,
-        "detections_per_img": model.postprocess.detections_per_img,
-        "topk_candidates": model.postprocess.topk_candidates,
-        "inputs": {"images": "float32 [B, 3, size, size]: (x - mean) / std, resized to fit, zero-padded",
-                   "image_sizes": "int64 [B, 2]: (height, width) of each image inside the canvas"},
-        "outputs": {"boxes": "float32 [D, 4] xyxy in canvas pixels (divide by the scale to get input pixels)",
-                    "scores": "float32 [D]", "labels": "int64 [D]",
-                    "batch_index": "int64 [D], ascending; scores descending within an image"},
-        "preprocess": "vertebra.export.preprocess_for_export(images, size, mean, std, pad_multiple)",
-    }
-
-
-def export_retinanet_onnx(model, out: str | os.PathLike | io.BytesIO | None, size: int, *, batch: int = 1,
-                          opset: int = DEFAULT_OPSET, dynamic_batch: bool = True) -> bytes:
-    """Export a RetinaNet (eval) with its decoding and NMS to ONNX at canvas ``size x size``."""
-    if opset < 17:
-        raise ValueError(f"opset {opset} is too old: vertebra exports opset 17 or newer")
-    model.eval()
-    wrapper = RetinaNetExport(model, (size, size)).eval()
-    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-    sizes = torch.tensor([[size, size]] * batch, dtype=torch.int64)
-    dyn = None
-    if dynamic_batch:
-        dyn = {"images": {0: "batch"}, "image_sizes": {0: "batch"}}
-    buf = io.BytesIO()
-    import warnings
-
-    with torch.no_grad(), onnx_friendly(model), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(wrapper, (images, sizes), buf, dynamo=False, opset_version=opset,
-                          input_names=["images", "image_sizes"],
-                          output_names=["boxes", "scores", "labels", "batch_index"], dynamic_axes=dyn)
-    data = buf.getvalue()
-    if isinstance(out, io.BytesIO):
-        out.write(data)
-    elif out is not None:
-        write_atomic(out, data)
-    return data
-
-
-def export_retinanet_program(model, out: str | os.PathLike | None, size: int, *, batch: int = 1):
-    """``torch.export`` the RetinaNet graph (decoding + NMS) at canvas ``size``; save it as ``.pt2``."""
-    model.eval()
-    wrapper = RetinaNetExport(model, (size, size)).eval()
-    batch = max(2, batch)  # torch.export specialises a batch of 1
-    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-    sizes = torch.tensor([[size, size]] * batch, dtype=torch.int64)
-    bdim = torch.export.Dim("batch", min=1, max=4096)
-    with torch.no_grad():
-        ep = torch.export.export(wrapper, (images, sizes),
-                                 dynamic_shapes={"images": {0: bdim}, "image_sizes": {0: bdim}})
-    if out is not None:
-        save_program(ep, out)
-    return ep
-
-
-def reference_detections(model, batch: Tensor, image_sizes: Tensor) -> list[dict[str, Tensor]]:
-    """PyTorch's detections (``RetinaNet.detect``) of a preprocessed canvas batch, in canvas pixels."""
-    from .detection.transform import ImageBatch
-
-    sizes = [tuple(int(v) for v in s) for s in image_sizes.tolist()]
-    with torch.no_grad():
-        return model.eval().detect(ImageBatch(batch, sizes, sizes))
-
-
-def compare_detections(refs: list[dict[str, Tensor]], boxes, scores, labels, batch_index, *,
-                       rtol: float = 1e-4, atol: float = 1e-4) -> ExportCheck:
-    """Detections of an export against PyTorch's: same count and labels per image, boxes and scores close."""
-    import numpy as np
-
-    boxes, scores = np.asarray(boxes, dtype=np.float32), np.asarray(scores, dtype=np.float32)
-    labels, batch_index = np.asarray(labels).astype(np.int64), np.asarray(batch_index).astype(np.int64)
-    details, diff, scale = [], 0.0, 0.0
-    for i, ref in enumerate(refs):
-        sel = batch_index == i
-        rb, rs, rl = ref["boxes"].numpy(), ref["scores"].numpy(), ref["labels"].numpy()
-        scale = max(scale, float(np.abs(rb).max(initial=0.0)))
-        if sel.sum() != len(rs):
-            details.append(f"image {i}: {int(sel.sum())} detections, PyTorch {len(rs)}")
-            diff = math.inf
-            continue
-        eb, es, el = boxes[sel], scores[sel], labels[sel]
-        if len(rs) and not (el == rl).all():
-            # equal scores may come in another order: compare as sets sorted by (label, score, box)
-            def _key(b, s, lab):
-                return np.lexsort((b[:, 0], s, lab))
-            o1, o2 = _key(eb, es, el), _key(rb, rs, rl)
-            eb, es, el, rb, rs, rl = eb[o1], es[o1], el[o1], rb[o2], rs[o2], rl[o2]
-            if not (el == rl).all():
-                details.append(f"image {i}: labels differ")
-                diff = math.inf
-                continue
-        d = float(max(np.abs(eb - rb).max(initial=0.0), np.abs(es - rs).max(initial=0.0)))
-        details.append(f"image {i}: {len(rs)} detections, max abs diff {d:.3g}")
-        diff = max(diff, d)
-    return ExportCheck(diff, scale, atol + rtol * scale, details)
-
-
-def check_retinanet_onnx(model, onnx_model, batch: Tensor, image_sizes: Tensor, **tol) -> ExportCheck:
-    sess = _ort_session(onnx_model)
-    out = sess.run(None, {"images": batch.numpy(), "image_sizes": image_sizes.numpy()})
-    return compare_detections(reference_detections(model, batch, image_sizes), *out, **tol)
-
-
-def check_retinanet_program(model, program, batch: Tensor, image_sizes: Tensor, **tol) -> ExportCheck:
-    if isinstance(program, (str, os.PathLike)):
-        program = torch.export.load(str(program))
-    with torch.no_grad():
-        out = program.module()(batch, image_sizes)
-    return compare_detections(reference_detections(model, batch, image_sizes),
-                              *[o.numpy() for o in out], **tol)
-
-
-def sample_detection_batch(size: int, n: int = 2, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """Sample images for a check: smooth random images of two aspect ratios, through preprocess_for_export."""
-    g = torch.Generator().manual_seed(seed)
-    ims = []
-    for i in range(n):
-        h, w = (size, size * 3 // 4) if i % 2 else (size * 2 // 3, size)
-        low = torch.rand(3, max(2, h // 16), max(2, w // 16), generator=g)
-        ims.append(F.interpolate(low[None], size=(h, w), mode="bilinear", align_corners=False)[0])
-    return preprocess_for_export(ims, size)
+from .detection.export import (  # noqa: E402  (the RetinaNet exporter, re-exported)
+    RetinaNetExport,
+    check_retinanet_onnx,
+    check_retinanet_program,
+    compare_detections,
+    export_retinanet_onnx,
+    export_retinanet_program,
+    preprocess_for_export,
+    reference_detections,
+    retinanet_sidecar,
+    sample_detection_batch,
+)
 
 
 # -- loading what to export -------------------------------------------------------------------------------------------
@@ -662,16 +384,21 @@ def load_for_export(target: str, *, num_classes: int | None = None, features_onl
     ``categories`` when known."""
     p = Path(target)
     if _is_checkpoint(p):
-        from .engine.models import load_model
+        from .engine import load_model
 
         model, state = load_model(p)
         spec = state.get("model", {})
-        cats = spec.get("categories")
-        if spec.get("task") == "det":
-            return model.eval(), {"kind": "det", "categories": cats, "source": str(p)}
+        if not isinstance(spec, dict):
+            spec = spec.to_dict()
+        info = {"categories": spec.get("categories"), "source": str(p), "mean": spec.get("mean"),
+                "std": spec.get("std")}
+        from .detection.retinanet import RetinaNet
+
+        if isinstance(model, RetinaNet):
+            return model.eval(), {"kind": "det", **info}
         if features_only:
             model.configure_outputs(features_only=True, out_strides=out_strides)
-        return model.eval(), {"kind": "cls", "categories": cats, "source": str(p)}
+        return model.eval(), {"kind": "cls", **info}
     if p.suffix in (".safetensors", ".pt", ".pth", ".bin") or p.exists():
         raise ValueError(f"{p}: not a vertebra training checkpoint; to export backbone weights give the network "
                          f"name and --weights {p}")
@@ -689,36 +416,7 @@ def load_for_export(target: str, *, num_classes: int | None = None, features_onl
     return model.eval(), {"kind": "cls", "categories": None, "source": target}
 
 
-# -- the command ------------------------------------------------------------------------------------------------------
-def register_commands(subparsers) -> None:
-    """Add ``vertebra export`` to the CLI's sub-parsers."""
-    sp = subparsers.add_parser(
-        "export", help="export a backbone or a trained checkpoint to ONNX and/or torch.export (.pt2)",
-        description="Export a registered backbone (classifier or --features-only), a trained checkpoint "
-                    "(classifier or RetinaNet) or, with --detector retinanet, a RetinaNet on a backbone. "
-                    "RetinaNet exports with decoding and NMS; a JSON sidecar describes its preprocessing.")
-    sp.add_argument("target", help="a registered backbone name or a vertebra checkpoint (.safetensors)")
-    sp.add_argument("--out", help="output path without or with suffix (default: ./<name>)")
-    sp.add_argument("--format", default="onnx", choices=["onnx", "pt2", "both"])
-    sp.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (17 or newer)")
-    sp.add_argument("--input", type=int, help="square input size (backbones: default the paper's; RetinaNet: the "
-                                              "canvas size, default its min_size rounded up to the pad multiple)")
-    sp.add_argument("--batch", type=int, default=1, help="batch of the example input")
-    sp.add_argument("--dynamic-batch", action="store_true", help="leave the batch axis dynamic")
-    sp.add_argument("--dynamic-size", action="store_true", help="leave height and width dynamic (backbones)")
-    sp.add_argument("--features-only", action="store_true", help="export the feature extractor")
-    sp.add_argument("--out-strides", type=int, nargs="+", help="feature strides (with --features-only)")
-    sp.add_argument("--num-classes", type=int, help="classes (default: the paper's; 91 for --detector)")
-    sp.add_argument("--weights", help="backbone weights (vertebra, torchvision or timm state_dict)")
-    sp.add_argument("--detector", choices=["retinanet"], help="export a detector on the named backbone")
-    sp.add_argument("--check", action="store_true", help="run the export against PyTorch (onnxruntime / the "
-                                                         "ExportedProgram); fail above the tolerance")
-    sp.add_argument("--rtol", type=float, default=1e-4, help="--check: allowed difference relative to the "
-                                                             "output scale (default 1e-4)")
-    sp.add_argument("--atol", type=float, default=1e-5, help="--check: absolute allowance (default 1e-5)")
-    sp.set_defaults(func=cmd_export)
-
-
+# -- the command (its parser: vertebra/cli/export.py) ------------------------------------------------------------------
 def _print(msg: str) -> None:
     print(msg, flush=True)
 
@@ -759,7 +457,7 @@ def cmd_export(args) -> int:
                 _print(f"check {fmt}: {res}")
                 ok &= res.ok
         side = base.with_suffix(".json")
-        write_atomic(side, json.dumps(sidecar, indent=1) + "\n")
+        atomic_write(side, json.dumps(sidecar, indent=1) + "\n")
         _print(f"wrote {side} (preprocessing: mean, std, canvas size, pad multiple, categories)")
         return 0 if ok else 1
     example = _example_input(model, args.input, args.batch)
@@ -786,8 +484,8 @@ def cmd_export(args) -> int:
             "features_only": bool(getattr(model, "features_only", False)),
             "outputs": _output_names(model), "input": list(example.shape[1:]),
             "dynamic_batch": args.dynamic_batch, "dynamic_size": args.dynamic_size,
-            "mean": [0.485, 0.456, 0.406] if spec is None or spec.dataset == "imagenet" else None,
-            "std": [0.229, 0.224, 0.225] if spec is None or spec.dataset == "imagenet" else None,
+            "mean": list(spec.mean) if spec is not None else info.get("mean"),
+            "std": list(spec.std) if spec is not None else info.get("std"),
             "num_classes": getattr(model, "num_classes", None), "categories": info.get("categories")}
-    write_atomic(side, json.dumps(meta, indent=1) + "\n")
+    atomic_write(side, json.dumps(meta, indent=1) + "\n")
     return 0 if ok else 1

@@ -3,19 +3,16 @@
 Memory format (``channels_last``), the per-network decision:
 
 - ``True`` (default) follows a rule: NHWC for every network that has 2-D convolutions, NCHW for
-  the rest. The rule comes from measuring the inference path both ways on CPU (oneDNN, one
-  thread, batch 1, 160 px; NHWC / NCHW time): mobilenet_v2 0.65, shufflenet_g3 0.72,
-  resnext50_32x4d 0.97, shufflenet_v2_x1_0 0.98, mnasnet_b1 0.99, densenet121 1.00,
-  resnet50 1.03 (noise: the machine was shared). Depthwise- and group-heavy networks gain the
-  most, dense ones are even; none lost beyond the noise, so no exception list is kept.
+  the rest (measured on CPU for the common families: see benchmarks/RESULTS.md, "inference layout").
 - ``"measure"`` times both layouts on an example input (``example`` or 1 x C x S x S at the
   network's paper size) and keeps the faster (NCHW only when NHWC is more than 5 % slower);
   the decision is cached per (network, input shape, device) for the process.
 - ``False``: NCHW.
 
-The returned model converts its input to the chosen layout itself (a forward pre-hook), so a
-caller's layout does not override the decision (a channels_last input would otherwise make every
-convolution run NHWC).
+The returned model converts its input to the chosen layout itself, so a caller's layout does not
+override the decision (a channels_last input would otherwise make every convolution run NHWC).
+A RetinaNet does that inside its network (``RetinaNet.prepare_inference``); any other module
+through a forward pre-hook.
 """
 
 from __future__ import annotations
@@ -29,7 +26,7 @@ from torch import nn
 from .layers.conv_bn import fold_batchnorm
 from .layers.fused import fuse_conv_act
 
-__all__ = ["optimize_for_inference", "prefers_channels_last"]
+__all__ = ["optimize_for_inference", "prefers_channels_last", "prepare_module"]
 
 _MEASURED: dict[tuple, bool] = {}
 
@@ -104,13 +101,25 @@ def _float_output_hook(module, args, out):
     return _to_float(out)
 
 
-def _fold_frozen(m: nn.Module) -> None:
-    """Detectors keep frozen BatchNorms (``detection.frozen``): fold those too."""
-    try:
-        from .detection.frozen import fold_frozen_bn
-    except ImportError:  # pragma: no cover - detection is part of the package
-        return
-    fold_frozen_bn(m)
+def prepare_module(m: nn.Module, dtype: torch.dtype | None = None, channels_last: bool = True, *,
+                   fold_bn: bool = True, fuse: bool = True) -> nn.Module:
+    """In place, for inference, any module in eval mode: BatchNorm folded (``fold_bn``), conv + act fused
+    (``fuse``), weights channels_last and in ``dtype``; hooks convert the input to that layout and dtype and
+    the output back to float32. ``Backbone.prepare_inference`` is this."""
+    if fold_bn:
+        fold_batchnorm(m)
+        if fuse:
+            fuse_conv_act(m)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:
+        m.to(memory_format=fmt)
+    if dtype is not None:
+        m.to(dtype)
+        m.register_forward_pre_hook(_dtype_hook(dtype))
+        m.register_forward_hook(_float_output_hook)
+    if _has_conv(m):
+        m.register_forward_pre_hook(_layout_hook(fmt))
+    return m
 
 
 def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_last: bool | str = True,
@@ -133,33 +142,18 @@ def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_l
     """
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
+    from .backbone import Backbone
+    from .detection.retinanet import RetinaNet
+
     m = model if inplace else copy.deepcopy(model)
     m.eval()
     for p in m.parameters():
         p.requires_grad_(False)
     nhwc = prefers_channels_last(m, channels_last, example)
-    if fold_bn:
-        fold_batchnorm(m)
-        _fold_frozen(m)
-        if fuse:
-            fuse_conv_act(m)
-    fmt = torch.channels_last if nhwc else torch.contiguous_format
-    if nhwc:
-        m = m.to(memory_format=fmt)
-    detector = hasattr(m, "net") and hasattr(m.net, "channels_last")
-    if dtype is not None:
-        if detector:  # RetinaNet: only its network; preprocessing, anchors and postprocessing stay float32
-            m.net.to(dtype)
-            m.net.compute_dtype = dtype
-        else:
-            m = m.to(dtype)
-            m.register_forward_pre_hook(_dtype_hook(dtype))
-            m.register_forward_hook(_float_output_hook)
-    if detector:  # RetinaNet converts inside its network
-        m.net.channels_last = nhwc
-    elif _has_conv(m):
-        m.register_forward_pre_hook(_layout_hook(fmt))
-    m.inference_layout = "channels_last" if nhwc else "contiguous"
+    if isinstance(m, (Backbone, RetinaNet)):  # a RetinaNet: its network only, the postprocessing stays float32
+        m.prepare_inference(dtype, nhwc, fold_bn=fold_bn, fuse=fuse)
+    else:
+        prepare_module(m, dtype, nhwc, fold_bn=fold_bn, fuse=fuse)
     if compile:
         m = torch.compile(m)
     return m

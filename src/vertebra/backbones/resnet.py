@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..backbone import Backbone, FeatureInfo, init_weights
 from ..layers import ClassifierHead, ConvBnAct, DropPath, PreActBasic, conv_bn, drop_path_rates
+from ..layers.fused import FusableTail
 from ..registry import register
 
 _RESNET = dict(family="ResNet", paper="Deep Residual Learning for Image Recognition (CVPR 2016)", year=2015,
@@ -40,7 +41,7 @@ _SD = dict(family="Stochastic Depth ResNet", paper="Deep Networks with Stochasti
            arxiv="1603.09382")
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(FusableTail, nn.Module):
     """Two 3x3 convolutions (ResNet-18/34)."""
 
     expansion = 1
@@ -62,14 +63,12 @@ class BasicBlock(nn.Module):
             return self.conv2.conv.add_relu(self.conv1(x), shortcut)
         return self.act(self.drop_path(self.conv2(self.conv1(x))) + shortcut)
 
-    fused_tail = False
-
-    def fuse_for_inference(self) -> None:
+    def tail_conv(self) -> nn.Module:
         """Inference only: conv2 + residual add + ReLU as one kernel (see layers.fused)."""
-        self.fused_tail = hasattr(self.conv2.conv, "add_relu")
+        return self.conv2.conv
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(FusableTail, nn.Module):
     """1x1 reduce -> 3x3 (grouped for ResNeXt) -> 1x1 expand (x4)."""
 
     expansion = 4
@@ -93,11 +92,9 @@ class Bottleneck(nn.Module):
         out = self.conv3(self.conv2(self.conv1(x)))
         return self.act(self.drop_path(out) + shortcut)
 
-    fused_tail = False
-
-    def fuse_for_inference(self) -> None:
+    def tail_conv(self) -> nn.Module:
         """Inference only: conv3 + residual add + ReLU as one kernel (see layers.fused)."""
-        self.fused_tail = hasattr(self.conv3.conv, "add_relu")
+        return self.conv3.conv
 
 
 class ResNet(Backbone):

@@ -4,7 +4,8 @@
 arguments follow torchvision's RetinaNet (``min_size=800, max_size=1333, image_mean, image_std,
 score_thresh=0.05, nms_thresh=0.5, detections_per_img=300, topk_candidates=1000``) plus
 ``anchor_sizes, aspect_ratios, trainable_stages=3, frozen_bn=True, backbone_weights, head_norm,
-fpn_channels=256, p6_from="p5", min_level=3, max_level=7, matcher="iou" | "atss", box_loss="l1" | "giou"``
+fpn_channels=256, p6_from="p5", min_level=3, max_level=7, head_convs=4, matcher="iou" | "atss",
+box_loss="l1" | "giou"``
 (see ``retinanet.build_retinanet``).
 """
 
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 from .anchors import AnchorGenerator
 from .fpn import FPN
-from .retinanet import Postprocess, RetinaNet, RetinaNetHead, RetinaNetNet, build_retinanet, validate_targets
+from .head import RetinaNetHead
+from .postprocess import Postprocess
+from .retinanet import RetinaNet, RetinaNetCore, build_retinanet, validate_targets
 from .transform import Preprocess
 
 __all__ = [
@@ -22,7 +25,7 @@ __all__ = [
     "Preprocess",
     "RetinaNet",
     "RetinaNetHead",
-    "RetinaNetNet",
+    "RetinaNetCore",
     "create_detector",
     "list_detectors",
     "validate_targets",

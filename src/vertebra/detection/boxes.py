@@ -1,4 +1,4 @@
-"""Box coding, IoU matching of anchors to ground truth, and focal loss, all batched.
+"""Box coding and IoU matching of anchors to ground truth, batched.
 
 - Coding (R-CNN parametrisation, weights (1, 1, 1, 1) as torchvision's RetinaNet):
   ``dx = (gx - ax) / aw``, ``dy = (gy - ay) / ah``, ``dw = log(gw / aw)``, ``dh = log(gh / ah)``;
@@ -15,8 +15,8 @@
   whose IoU is at least the candidates' mean + standard deviation, and whose centre lies inside the
   box, are foreground; every other anchor is background (nothing is ignored). A small box thus gets
   about as many positives as a large one, where the fixed 0.5 threshold gives it one low-quality match.
-- Focal loss (Sec. 3.2, alpha 0.25, gamma 2), summed and normalised per image by its number of
-  foreground anchors (at least 1), then averaged over the batch, as torchvision does.
+
+The focal loss and the RetinaNet losses are in ``losses.py``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
@@ -36,7 +35,6 @@ __all__ = [
     "match_anchors",
     "match_anchors_atss",
     "pad_targets",
-    "focal_loss_dense",
     "BELOW_LOW_THRESHOLD",
     "BETWEEN_THRESHOLDS",
 ]
@@ -168,57 +166,3 @@ def match_anchors_atss(gt_boxes: Tensor, valid: Tensor, anchors: Tensor, anchors
     score = torch.where(pos, iou, torch.full_like(iou, -2.0))
     best_val, matches = score.max(dim=1)  # [B, N]
     return torch.where(best_val > -2.0, matches, torch.full_like(matches, BELOW_LOW_THRESHOLD))
-
-
-class _FocalNegative(torch.autograd.Function):
-    """sum(w * (1 - alpha) * p^gamma * softplus(x)) and its gradient, without keeping intermediates.
-
-    This is the focal loss of every logit taken as a negative (target 0); the few positive
-    entries are corrected sparsely by the caller.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, alpha: float, gamma: float) -> Tensor:
-        ctx.save_for_backward(x, w)
-        ctx.alpha, ctx.gamma = alpha, gamma
-        p = torch.sigmoid(x)
-        pg = p * p if gamma == 2.0 else p.pow(gamma)
-        loss = pg.mul_(F.softplus(x))
-        return loss.mul_(w).sum() * (1.0 - alpha)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x, w = ctx.saved_tensors
-        alpha, gamma = ctx.alpha, ctx.gamma
-        p = torch.sigmoid(x)
-        # d/dx [p^g * softplus(x)] = p^g * (p + g * (1 - p) * softplus(x))
-        sp = F.softplus(x)
-        q = (1.0 - p).mul_(sp).mul_(gamma).add_(p)
-        pg = p.mul_(p) if gamma == 2.0 else p.pow_(gamma)
-        g = pg.mul_(q).mul_(w)
-        return g.mul_(grad * (1.0 - alpha)), None, None, None
-
-
-def _focal_elementwise(x: Tensor, t: float, alpha: float, gamma: float) -> Tensor:
-    p = torch.sigmoid(x)
-    ce = F.binary_cross_entropy_with_logits(x, torch.full_like(x, t), reduction="none")
-    p_t = p * t + (1 - p) * (1 - t)
-    a_t = alpha * t + (1 - alpha) * (1 - t)
-    return a_t * ce * (1 - p_t) ** gamma
-
-
-def focal_loss_dense(logits: Tensor, anchor_weight: Tensor, pos_index: tuple[Tensor, Tensor, Tensor],
-                     pos_weight: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
-    """Weighted sigmoid focal loss of ``logits [B, N, K]`` whose targets are one-hot and sparse.
-
-    ``anchor_weight [B, N]``: the weight of every anchor (0 for ignored ones, 1 / num_fg of its
-    image otherwise); ``pos_index`` (b, n, k) and ``pos_weight``: the entries whose target is 1.
-    Equal to ``sum(w * sigmoid_focal_loss(logits, one_hot))`` at a fraction of its memory.
-    """
-    w = anchor_weight.to(logits.dtype)[..., None].expand_as(logits)
-    loss = _FocalNegative.apply(logits, w, alpha, gamma)
-    if pos_index[0].numel():
-        xp = logits[pos_index]
-        corr = _focal_elementwise(xp, 1.0, alpha, gamma) - _focal_elementwise(xp, 0.0, alpha, gamma)
-        loss = loss + (corr * pos_weight.to(logits.dtype)).sum()
-    return loss

@@ -14,9 +14,8 @@
 - ``fold_frozen_bn_live(module)`` makes every ``conv -> frozen BN`` pair (``ConvBnAct``) run as
   one convolution whose weight is folded at each call: the same function and gradients, the
   same state_dict, one pass less over the activation forward and backward (training too).
-- ``fold_frozen_bn(module)`` folds every frozen (or eval-mode) BatchNorm that directly follows a
-  convolution in an ``nn.Sequential`` (``ConvBnAct``) into the convolution for good: for
-  inference only (the BN keys leave the state_dict).
+- For inference, ``layers.conv_bn.fold_bn_pairs`` (``prepare_inference``) folds frozen BatchNorms for
+  good, like eval-mode ones (the BN keys leave the state_dict).
 """
 
 from __future__ import annotations
@@ -26,9 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d as _TVFrozenBatchNorm2d
 
-from ..layers.conv_bn import fold_bn_pairs
-
-__all__ = ["FrozenBatchNorm2d", "convert_frozen_bn", "freeze_stages", "fold_frozen_bn", "fold_frozen_bn_live"]
+__all__ = ["FrozenBatchNorm2d", "convert_frozen_bn", "freeze_stages", "fold_frozen_bn_live"]
 
 
 class FrozenBatchNorm2d(_TVFrozenBatchNorm2d):
@@ -102,11 +99,6 @@ def freeze_stages(backbone, trainable_stages: int) -> list[str]:
     return sorted(names)
 
 
-def fold_frozen_bn(module: nn.Module) -> int:
-    """Fold frozen/eval BatchNorms that follow a conv inside an ``nn.Sequential``; returns how many."""
-    return fold_bn_pairs(module)
-
-
 class _ConvFrozenBN(nn.Sequential):
     """``conv -> frozen BN [-> act]`` computed as one convolution with the BN folded on the fly.
 
@@ -117,7 +109,7 @@ class _ConvFrozenBN(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         conv, bn = self[0], self[1]
-        if not isinstance(bn, _TVFrozenBatchNorm2d):  # folded for good by fold_frozen_bn
+        if not isinstance(bn, _TVFrozenBatchNorm2d):  # folded for good by layers.conv_bn.fold_bn_pairs
             return super().forward(x)
         scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
         shift = bn.bias - bn.running_mean * scale

@@ -63,11 +63,27 @@ class FusedConv(nn.Module):
                       + other)
 
 
+class FusableTail:
+    """A residual block whose tail ``relu(conv(x) + shortcut)`` can run as one :meth:`FusedConv.add_relu`.
+
+    The block names its tail convolution (:meth:`tail_conv`) and reads ``fused_tail`` in its forward;
+    :func:`fuse_conv_act` calls :meth:`fuse_for_inference` on every such block.
+    """
+
+    fused_tail: bool = False
+
+    def tail_conv(self) -> nn.Module:
+        raise NotImplementedError
+
+    def fuse_for_inference(self) -> None:
+        conv = self.tail_conv()
+        self.fused_tail = isinstance(conv, FusedConv) and not conv.relu
+
+
 def fuse_conv_act(model: nn.Module) -> nn.Module:
     """Replace every folded ``ConvBnAct``-like Sequential (conv, [Identity], [ReLU]) by a FusedConv.
 
-    Then every module that defines ``fuse_for_inference()`` (residual blocks) is told so it can
-    route its tail through :meth:`FusedConv.add_relu`.
+    Then every :class:`FusableTail` block routes its tail through :meth:`FusedConv.add_relu`.
     """
     for module in list(model.modules()):
         if not isinstance(module, nn.Sequential) or "conv" not in module._modules:
@@ -87,7 +103,6 @@ def fuse_conv_act(model: nn.Module) -> nn.Module:
             if k != "conv":
                 module._modules[k] = nn.Identity()
     for module in model.modules():
-        hook = getattr(module, "fuse_for_inference", None)
-        if callable(hook):
-            hook()
+        if isinstance(module, FusableTail):
+            module.fuse_for_inference()
     return model

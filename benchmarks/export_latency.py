@@ -22,6 +22,7 @@ import torch
 
 import vertebra
 from vertebra import export as E
+from vertebra.detection import export as DE
 from vertebra.inference import optimize_for_inference
 
 BACKBONES = ["resnet50", "mobilenet_v2", "densenet121", "shufflenet_v2_x1_0"]
@@ -80,9 +81,9 @@ def retinanet_runners(batch: int, threads: int, size: int = 512):
     torch.manual_seed(0)
     model = create_detector("retinanet", backbone="resnet18", num_classes=80, min_size=size, max_size=size).eval()
     imgs, sizes, _ = E.sample_detection_batch(size, n=batch)
-    eager_graph = E.RetinaNetExport(model, (size, size)).eval()
-    fast_graph = E.RetinaNetExport(optimize_for_inference(model), (size, size)).eval()
-    data = E.export_retinanet_onnx(model, None, size)
+    eager_graph = DE.RetinaNetExport(model, (size, size)).eval()
+    fast_graph = DE.RetinaNetExport(optimize_for_inference(model), (size, size)).eval()
+    data = DE.export_retinanet_onnx(model, None, size)
     sess = _ort(data, threads)
     feed = {"images": imgs.numpy(), "image_sizes": sizes.numpy()}
 

@@ -13,7 +13,8 @@ Measured, per input size (default 800x800 and 512x512, one image for inference, 
 vertebra runs twice: as built (its frozen BN is folded into the convolutions on the fly), and
 optimised: for inference ``vertebra.optimize_for_inference(model)`` (frozen BN folded for good,
 channels_last, every conv + ReLU of the backbone and of the head towers and every residual add + ReLU
-as one oneDNN call), for training ``channels_last()``. The ratio is vertebra / torchvision (lower is better).
+as one oneDNN call), for training ``model.to(memory_format=torch.channels_last)``. The ratio is
+vertebra / torchvision (lower is better).
 Timings alternate between the models and report the median of ``--reps`` runs.
 
 ``--bf16`` adds two rows and a check: both networks with bfloat16 weights and activations (torchvision's
@@ -23,51 +24,7 @@ float32 one (what a user gets from switching to bf16); and how many of vertebra'
 its bf16 run returns (same label, IoU >= 0.9) on a net whose class scores are spread out (the random prior
 init scores every anchor 0.01, below the threshold).
 
-Measured 2026-12-02, later (2-core AMD EPYC, 2 threads, idle, ``--reps 5 --train-reps 5 --bf16``, after the
-postprocess took its candidates from a max over the classes; ms, ratio vertebra optimised / torchvision; this
-session's machine was faster than the earlier one, and its run-to-run noise is +-5-10 %: the same command run
-minutes before gave network 0.70 / 0.82 and end-to-end 0.57 / 0.63 at 800 / 512):
-
-    size  what                          torchvision  vertebra optimised  ratio
-     800  inference: network (fp32)          1924.6              1314.5   0.68
-     800  inference: network, both bf16       823.1               514.8   0.63
-     800  inference: postprocess               14.1                 7.2   0.51
-     800  inference: end-to-end (fp32)       1573.9               940.4   0.60
-     800  end-to-end, vertebra bf16 / tv fp32 1895.5              447.3   0.24
-     800  training step (channels_last)     11858.6              6627.6   0.56
-     512  inference: network (fp32)           493.0               426.1   0.86
-     512  inference: network, both bf16       272.2               208.1   0.76
-     512  inference: postprocess                4.4                 2.1   0.49
-     512  inference: end-to-end (fp32)        451.7               297.1   0.66
-     512  training step (channels_last)      3553.5              2414.7   0.68
-    bf16 detections: 83 (800) / 92 (512) of the 100 best float32 ones (same label, IoU >= 0.9), scores within
-    0.0015 / 0.0035
-
-Where the 512 px network goes (optimised, same session): backbone + FPN 188 ms against torchvision's 307, the
-head 204 ms against 214; the head is plain 3 x 3 convolutions in both, P3's (64 x 64) 145 ms of it at about 190
-GMAC/s, the oneDNN ceiling of this CPU. The small levels cost a fixed ~0.2 ms a convolution (P6 + P7: 12 ms for
-0.5 GMAC), about 2 % of the network, so the 512 px network stays above 0.8.
-
-Measured 2026-12-02, earlier (the same command with ``--reps 3 --bf16`` on the slower machine of that morning,
-before the postprocess change):
-
-    size  what                          torchvision  vertebra optimised  ratio
-     800  inference: network (fp32)          1946.9              1614.0   0.83
-     800  inference: postprocess               10.4                 8.4   0.80
-     800  inference: end-to-end (fp32)       1981.6              1273.8   0.64
-     800  training step (channels_last)     13423.7              8456.3   0.63
-     512  inference: network (fp32)           916.4               760.6   0.83
-     512  inference: postprocess                8.6                 6.6   0.77
-     512  inference: end-to-end (fp32)        965.0               661.1   0.69
-     512  training step (as built)           4816.6              4131.4   0.86
-
-On that machine the float32 network was within 3-4 % of the 0.8 goal, no closer: 98 % of its time is oneDNN
-convolutions at this CPU's float32 ceiling (about 110 GMAC/s), and vertebra runs the same convolutions; what it
-saves is the frozen BN (folded), the separate ReLUs and adds (fused) and the layout conversions. End to end it also
-skips most of the box subnet: the random prior-initialised heads give few candidates above the 0.05 threshold (467
-at 800 px), and each pyramid level runs the box subnet on the candidates' cells when that is cheaper than the dense
-subnet (P3 here), the dense subnet otherwise; a trained net with hundreds of candidates per level runs it densely,
-as torchvision does.
+Results: benchmarks/RESULTS.md, section retinanet_vs_torchvision.
 
     python benchmarks/retinanet_vs_torchvision.py [--sizes 800 512] [--reps 5] [--threads N] [--bf16]
 """
@@ -259,7 +216,7 @@ def bench_size(size: int, reps: int, train_reps: int, bf16: bool = False) -> lis
             opt.step()
         return run
 
-    vc = copy.deepcopy(vt).channels_last()
+    vc = copy.deepcopy(vt).to(memory_format=torch.channels_last)
     opt_vc = torch.optim.SGD([p for p in vc.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
     res = bench_pair({"torchvision": step(tv, opt_tv), "vertebra": step(vt, opt_vt),
                       "vertebra channels_last": step(vc, opt_vc)}, train_reps)

@@ -19,7 +19,9 @@ RetinaNet exports as one graph from the *normalised, padded* batch to the detect
              batch_index  int64   [D]            which image of the batch, ascending; by score
                                                  (descending) within an image
 
-It reproduces ``RetinaNet.detect``: per image and pyramid level the ``topk_candidates`` best
+Its postprocessing is ``detection.Postprocess`` in its exportable mode (the eager detector's algorithm
+with static shapes; the exporter itself is ``detection/export.py``): per image and pyramid level the
+``topk_candidates`` best
 (anchor, class) scores, decoded and clipped to the image, class-wise NMS (ONNX
 ``NonMaxSuppression`` with the batch and class axes, so no coordinate-offset trick) keeping
 scores above ``score_thresh``, and the ``detections_per_img`` best per image. The anchors are

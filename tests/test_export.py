@@ -25,6 +25,7 @@ from torch import nn
 
 import vertebra
 from vertebra import export as E
+from vertebra.export import backbone as export_backbone
 from vertebra.inference import optimize_for_inference
 
 ort = pytest.importorskip("onnxruntime")
@@ -126,7 +127,7 @@ def test_features_only_dynamic_shapes(name):
     x = torch.randn(2, 3, size, size)
     calibrate(model, x)
     data = E.export_onnx(model, None, x, dynamic_batch=True, dynamic_size=True)
-    inputs = E._sample_inputs(x, True, True, model.min_input_size)
+    inputs = E.sample_inputs(x, True, True, model.min_input_size)
     res = E.check_onnx(model, data, inputs)
     assert res.ok, str(res)
     assert len(res.details) == len(inputs) * len(model.out_feature_info)
@@ -146,7 +147,7 @@ def test_onnx_adaptive_pool_replacement_is_exact():
     pool = nn.AdaptiveAvgPool2d((6, 6))
     for h, w in ((1, 1), (3, 5), (13, 13), (12, 18)):
         x = torch.randn(2, 4, h, w)
-        torch.testing.assert_close(E._AdaptiveAvgPoolExport((6, 6))(x), pool(x))
+        torch.testing.assert_close(export_backbone._AdaptiveAvgPoolExport((6, 6))(x), pool(x))
 
 
 # -- RetinaNet -------------------------------------------------------------------------------------------------------

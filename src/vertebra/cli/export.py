@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from ..export import DEFAULT_OPSET, cmd_export
+import json
+import math
+import time
+from pathlib import Path
 
-__all__ = ["register"]
+from ..export.backbone import DEFAULT_OPSET
+
+__all__ = ["register", "cmd_export"]
 
 
 def register(subparsers) -> None:
@@ -34,3 +39,93 @@ def register(subparsers) -> None:
                                                              "output scale (default 1e-4)")
     sp.add_argument("--atol", type=float, default=1e-5, help="--check: absolute allowance (default 1e-5)")
     sp.set_defaults(handler=cmd_export)
+
+
+def _print(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _retinanet_plan(model, args, info):
+    """(exporters by format, checkers by format, check inputs, sidecar) for a RetinaNet."""
+    from .. import export as E
+
+    d = int(model.transform.size_divisible)
+    size = args.input or int(math.ceil(model.transform.min_size[-1] / d) * d)
+    if size % d:
+        raise ValueError(f"--input {size}: the RetinaNet canvas must be a multiple of {d}")
+    if args.dynamic_size:
+        raise ValueError("--dynamic-size: a RetinaNet export has a fixed canvas (its anchors are constants); "
+                         "choose the canvas with --input")
+    batch, sizes, _ = E.sample_detection_batch(size, n=max(2, args.batch))
+    exporters = {
+        "onnx": lambda path: E.export_retinanet_onnx(model, path, size, batch=args.batch, opset=args.opset,
+                                                     dynamic_batch=True),
+        "pt2": lambda path: E.export_retinanet_program(model, path, size, batch=args.batch),
+    }
+    checkers = {
+        "onnx": lambda path: E.check_retinanet_onnx(model, path, batch, sizes, rtol=args.rtol,
+                                                    atol=max(args.atol, 1e-4)),
+        "pt2": lambda path: E.check_retinanet_program(model, path, batch, sizes, rtol=args.rtol,
+                                                      atol=max(args.atol, 1e-4)),
+    }
+    what = f"canvas {size}x{size}"
+    return exporters, checkers, what, E.retinanet_sidecar(model, size, info.get("categories"))
+
+
+def _backbone_plan(model, args, info, name):
+    from .. import export as E
+
+    example = E.example_input(model, args.input, args.batch)
+    inputs = E.sample_inputs(example, args.dynamic_batch, args.dynamic_size, getattr(model, "min_input_size", 1))
+    dyn = dict(dynamic_batch=args.dynamic_batch, dynamic_size=args.dynamic_size)
+    exporters = {
+        "onnx": lambda path: E.export_onnx(model, path, example, opset=args.opset, **dyn),
+        "pt2": lambda path: E.export_program(model, path, example, **dyn),
+    }
+    checkers = {
+        "onnx": lambda path: E.check_onnx(model, path, inputs, rtol=args.rtol, atol=args.atol),
+        "pt2": lambda path: E.check_program(model, path, inputs, rtol=args.rtol, atol=args.atol),
+    }
+    spec = getattr(model, "spec", None)
+    sidecar = {"format": "vertebra-backbone-export", "version": 1, "name": name, "source": info["source"],
+               "features_only": bool(getattr(model, "features_only", False)),
+               "outputs": E.output_names(model), "input": list(example.shape[1:]),
+               "dynamic_batch": args.dynamic_batch, "dynamic_size": args.dynamic_size,
+               # a checkpoint's recorded normalisation first (it is what the weights were trained with)
+               "mean": info.get("mean") or (list(spec.mean) if spec is not None else None),
+               "std": info.get("std") or (list(spec.std) if spec is not None else None),
+               "num_classes": getattr(model, "num_classes", None), "categories": info.get("categories")}
+    return exporters, checkers, f"input {tuple(example.shape)}", sidecar
+
+
+def cmd_export(args) -> int:
+    from .._io import atomic_write
+    from ..detection.retinanet import RetinaNet
+    from ..export import load_for_export
+
+    model, info = load_for_export(args.target, num_classes=args.num_classes, features_only=args.features_only,
+                                  out_strides=args.out_strides, weights=args.weights, detector=args.detector)
+    name = getattr(model, "name", Path(args.target).stem)
+    base = Path(args.out) if args.out else Path(name)
+    if base.suffix in (".onnx", ".pt2"):
+        base = base.with_suffix("")
+    if isinstance(model, RetinaNet):
+        exporters, checkers, what, sidecar = _retinanet_plan(model, args, info)
+        what += ", dynamic batch"
+    else:
+        exporters, checkers, what, sidecar = _backbone_plan(model, args, info, name)
+    ok = True
+    for fmt in ["onnx", "pt2"] if args.format == "both" else [args.format]:
+        t0 = time.perf_counter()
+        path = base.with_suffix(f".{fmt}")
+        data = exporters[fmt](path)
+        size = f"{len(data) / 1e6:.1f} MB, opset {args.opset}" if fmt == "onnx" else "ExportedProgram"
+        _print(f"wrote {path} ({size}, {what}) in {time.perf_counter() - t0:.1f} s")
+        if args.check:
+            res = checkers[fmt](path)
+            _print(f"check {fmt}: {res}")
+            ok &= res.ok
+    side = base.with_suffix(".json")
+    atomic_write(side, json.dumps(sidecar, indent=1) + "\n")
+    _print(f"wrote {side} (preprocessing: mean, std, input size, categories)")
+    return 0 if ok else 1

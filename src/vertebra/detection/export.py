@@ -130,7 +130,7 @@ def export_retinanet_onnx(model, out: str | os.PathLike | io.BytesIO | None, siz
         dyn = {"images": {0: "batch"}, "image_sizes": {0: "batch"}}
     import warnings
 
-    from ..export import onnx_friendly
+    from ..export.backbone import onnx_friendly
 
     buf = io.BytesIO()
     with torch.no_grad(), onnx_friendly(model), warnings.catch_warnings():
@@ -158,7 +158,7 @@ def export_retinanet_program(model, out: str | os.PathLike | None, size: int, *,
         ep = torch.export.export(wrapper, (images, sizes),
                                  dynamic_shapes={"images": {0: bdim}, "image_sizes": {0: bdim}})
     if out is not None:
-        from ..export import save_program
+        from ..export.backbone import save_program
 
         save_program(ep, out)
     return ep
@@ -180,7 +180,7 @@ def compare_detections(refs: list[dict[str, Tensor]], boxes, scores, labels, bat
     """Detections of an export against PyTorch's: same count and labels per image, boxes and scores close."""
     import numpy as np
 
-    from ..export import ExportCheck
+    from ..export.backbone import ExportCheck
 
     boxes, scores = np.asarray(boxes, dtype=np.float32), np.asarray(scores, dtype=np.float32)
     labels, batch_index = np.asarray(labels).astype(np.int64), np.asarray(batch_index).astype(np.int64)
@@ -211,7 +211,7 @@ def compare_detections(refs: list[dict[str, Tensor]], boxes, scores, labels, bat
 
 
 def check_retinanet_onnx(model, onnx_model, batch: Tensor, image_sizes: Tensor, **tol):
-    from ..export import _ort_session
+    from ..export.backbone import _ort_session
 
     sess = _ort_session(onnx_model)
     out = sess.run(None, {"images": batch.numpy(), "image_sizes": image_sizes.numpy()})

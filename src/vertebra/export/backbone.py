@@ -1,4 +1,4 @@
-"""Deployment: ONNX and ``torch.export`` of backbones and of RetinaNet, with a numerical check.
+"""ONNX and ``torch.export`` of backbones, with a numerical check against PyTorch.
 
 Backbones (classification or ``features_only``) export as they are: ``images [B, C, H, W] ->
 logits`` (or ``feature0, feature1, ...``). ONNX goes through PyTorch's TorchScript-based exporter
@@ -7,45 +7,17 @@ with PyTorch within float rounding on every registered network, see ``tests/test
 opset 17 by default; the batch and/or the image size can be left dynamic. ``torch.export``
 writes an ``ExportedProgram`` (``.pt2``, load with ``torch.export.load``).
 
-RetinaNet exports as one graph from the *normalised, padded* batch to the detections:
-
-    inputs   images       float32 [B, 3, S, S]   normalised with the sidecar's mean / std,
-                                                 resized and zero-padded by preprocess_for_export
-             image_sizes  int64   [B, 2]         (height, width) of each image inside the canvas
-    outputs  boxes        float32 [D, 4]         xyxy, canvas pixels (divide by ``scales`` for the
-                                                 original image)
-             scores       float32 [D]
-             labels       int64   [D]            class index in [0, num_classes)
-             batch_index  int64   [D]            which image of the batch, ascending; by score
-                                                 (descending) within an image
-
-Its postprocessing is ``detection.Postprocess`` in its exportable mode (the eager detector's algorithm
-with static shapes; the exporter itself is ``detection/export.py``): per image and pyramid level the
-``topk_candidates`` best
-(anchor, class) scores, decoded and clipped to the image, class-wise NMS (ONNX
-``NonMaxSuppression`` with the batch and class axes, so no coordinate-offset trick) keeping
-scores above ``score_thresh``, and the ``detections_per_img`` best per image. The anchors are
-constants of the graph: the canvas size S is fixed at export (the batch may be dynamic).
-A JSON sidecar (``<out>.json``) records mean, std, canvas size, pad multiple, categories and
-thresholds; :func:`preprocess_for_export` is the preprocessing step, in ~20 lines so that it
-can be ported to any runtime.
-
-The ``.pt2`` of a RetinaNet holds the same graph (``torchvision::nms`` in place of ONNX's
-operator, batched by folding the image and class into the NMS index as ``RetinaNet`` does).
-
-Files are written to a temporary name in the target folder and renamed. The fused oneDNN
-convolutions of :func:`vertebra.optimize_for_inference` never reach an exported graph: they
-fall back to ``F.conv2d`` while tracing or exporting (``layers/fused.py``).
+Files are written through :func:`vertebra._io.atomic_write`. The fused oneDNN convolutions of
+:func:`vertebra.optimize_for_inference` never reach an exported graph: they fall back to ``F.conv2d``
+while tracing or exporting (``layers/fused.py``). The RetinaNet exporter is ``vertebra.detection.export``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,33 +27,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._io import atomic_write
+from .._io import atomic_write
 
 __all__ = [
+    "DEFAULT_OPSET",
     "ExportCheck",
-    "RetinaNetExport",
     "check_onnx",
     "check_program",
-    "check_retinanet_onnx",
-    "check_retinanet_program",
-    "compare_detections",
     "export_onnx",
     "export_program",
-    "export_retinanet_onnx",
-    "export_retinanet_program",
     "onnx_friendly",
-    "preprocess_for_export",
-    "reference_detections",
-    "retinanet_sidecar",
-    "sample_detection_batch",
-    "write_atomic",
+    "output_names",
+    "example_input",
+    "sample_inputs",
+    "save_program",
 ]
 
 DEFAULT_OPSET = 17
-
-
-# -- files ------------------------------------------------------------------------------------------------------------
-write_atomic = atomic_write  # the old name; vertebra._io.atomic_write is the one writer
 
 
 # -- export-friendly modules ------------------------------------------------------------------------------------------
@@ -155,13 +117,13 @@ class _Outputs(nn.Module):
         return tuple(y) if isinstance(y, (list, tuple)) else y
 
 
-def _output_names(model: nn.Module) -> list[str]:
+def output_names(model: nn.Module) -> list[str]:
     if getattr(model, "features_only", False):
         return [f"feature{i}_s{f.stride}" for i, f in enumerate(model.out_feature_info)]
     return ["logits"]
 
 
-def _example_input(model: nn.Module, size: int | None, batch: int) -> Tensor:
+def example_input(model: nn.Module, size: int | None, batch: int) -> Tensor:
     spec = getattr(model, "spec", None)
     chans = getattr(model, "in_chans", 3)
     if size is None:
@@ -190,8 +152,8 @@ def export_onnx(model: nn.Module, out: str | os.PathLike | io.BytesIO | None, ex
                              "AdaptiveAvgPool2d); its ONNX graph is exact at one input size only: "
                              "export without --dynamic-size (or --features-only)")
     if example is None:
-        example = _example_input(model, input_size, batch)
-    names = _output_names(model)
+        example = example_input(model, input_size, batch)
+    names = output_names(model)
     dyn: dict[str, dict[int, str]] | None = None
     if dynamic_batch or dynamic_size:
         axes: dict[int, str] = {}
@@ -273,7 +235,7 @@ def _summarise(acc, rtol: float, atol: float) -> ExportCheck:
     return ExportCheck(d, s, atol + rtol * s, [a[2] for a in acc])
 
 
-def _sample_inputs(example: Tensor, dynamic_batch: bool, dynamic_size: bool, min_size: int) -> list[Tensor]:
+def sample_inputs(example: Tensor, dynamic_batch: bool, dynamic_size: bool, min_size: int) -> list[Tensor]:
     g = torch.Generator().manual_seed(1)
     xs = [torch.randn(example.shape, generator=g)]
     b, c, h, w = example.shape
@@ -309,7 +271,7 @@ def export_program(model: nn.Module, out: str | os.PathLike | None, example: Ten
 
     model.eval()
     if example is None:
-        example = _example_input(model, input_size, batch)
+        example = example_input(model, input_size, batch)
     dims: dict[int, Any] = {}
     if dynamic_batch:
         if example.shape[0] == 1:  # torch.export specialises a batch of 1
@@ -348,146 +310,3 @@ def check_program(model: nn.Module, program, inputs: Sequence[Tensor], *, rtol: 
         outs = list(out) if isinstance(out, (list, tuple)) else [out]
         _compare(outs, refs, f"input {tuple(x.shape)}", acc)
     return _summarise(acc, rtol, atol)
-
-
-from .detection.export import (  # noqa: E402  (the RetinaNet exporter, re-exported)
-    RetinaNetExport,
-    check_retinanet_onnx,
-    check_retinanet_program,
-    compare_detections,
-    export_retinanet_onnx,
-    export_retinanet_program,
-    preprocess_for_export,
-    reference_detections,
-    retinanet_sidecar,
-    sample_detection_batch,
-)
-
-
-# -- loading what to export -------------------------------------------------------------------------------------------
-def _is_checkpoint(path: Path) -> bool:
-    if path.suffix != ".safetensors" or not path.is_file():
-        return False
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("format") == "vertebra-checkpoint"
-    except Exception:
-        return False
-
-
-def load_for_export(target: str, *, num_classes: int | None = None, features_only: bool = False,
-                    out_strides=None, weights: str | None = None, detector: str | None = None,
-                    min_size: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """The model to export: a registered backbone name (optionally with ``weights``), a trained
-    engine checkpoint (classifier or RetinaNet), or with ``detector="retinanet"`` a detector on a
-    registered backbone. Returns ``(model in eval mode, info)``; info has ``kind`` (cls / det) and
-    ``categories`` when known."""
-    p = Path(target)
-    if _is_checkpoint(p):
-        from .engine import load_model
-
-        model, state = load_model(p)
-        spec = state.get("model", {})
-        if not isinstance(spec, dict):
-            spec = spec.to_dict()
-        info = {"categories": spec.get("categories"), "source": str(p), "mean": spec.get("mean"),
-                "std": spec.get("std")}
-        from .detection.retinanet import RetinaNet
-
-        if isinstance(model, RetinaNet):
-            return model.eval(), {"kind": "det", **info}
-        if features_only:
-            model.configure_outputs(features_only=True, out_strides=out_strides)
-        return model.eval(), {"kind": "cls", **info}
-    if p.suffix in (".safetensors", ".pt", ".pth", ".bin") or p.exists():
-        raise ValueError(f"{p}: not a vertebra training checkpoint; to export backbone weights give the network "
-                         f"name and --weights {p}")
-    from .registry import create_backbone
-
-    if detector:
-        from .detection import create_detector
-
-        kw = {} if min_size is None else {"min_size": min_size, "max_size": max(min_size, int(min_size * 1333 / 800))}
-        model = create_detector(detector, backbone=target, num_classes=num_classes or 91, backbone_weights=weights,
-                                **kw)
-        return model.eval(), {"kind": "det", "categories": None, "source": target}
-    model = create_backbone(target, num_classes=num_classes, features_only=features_only, out_strides=out_strides,
-                            weights=weights)
-    return model.eval(), {"kind": "cls", "categories": None, "source": target}
-
-
-# -- the command (its parser: vertebra/cli/export.py) ------------------------------------------------------------------
-def _print(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def cmd_export(args) -> int:
-    model, info = load_for_export(args.target, num_classes=args.num_classes, features_only=args.features_only,
-                                  out_strides=args.out_strides, weights=args.weights, detector=args.detector)
-    name = getattr(model, "name", Path(args.target).stem)
-    base = Path(args.out) if args.out else Path(name)
-    if base.suffix in (".onnx", ".pt2"):
-        base = base.with_suffix("")
-    formats = ["onnx", "pt2"] if args.format == "both" else [args.format]
-    ok = True
-    if info["kind"] == "det":
-        d = int(model.transform.size_divisible)
-        size = args.input or int(math.ceil(model.transform.min_size[-1] / d) * d)
-        if size % d:
-            raise ValueError(f"--input {size}: the RetinaNet canvas must be a multiple of {d}")
-        if args.dynamic_size:
-            raise ValueError("--dynamic-size: a RetinaNet export has a fixed canvas (its anchors are constants); "
-                             "choose the canvas with --input")
-        sidecar = retinanet_sidecar(model, size, info.get("categories"))
-        batch, sizes, _ = sample_detection_batch(size, n=max(2, args.batch))
-        for fmt in formats:
-            t0 = time.perf_counter()
-            path = base.with_suffix(f".{fmt}")
-            if fmt == "onnx":
-                data = export_retinanet_onnx(model, path, size, batch=args.batch, opset=args.opset,
-                                             dynamic_batch=True)
-                _print(f"wrote {path} ({len(data) / 1e6:.1f} MB, opset {args.opset}, canvas {size}x{size}, "
-                       f"dynamic batch) in {time.perf_counter() - t0:.1f} s")
-            else:
-                export_retinanet_program(model, path, size, batch=args.batch)
-                _print(f"wrote {path} (ExportedProgram, canvas {size}x{size}) in {time.perf_counter() - t0:.1f} s")
-            if args.check:
-                fn = check_retinanet_onnx if fmt == "onnx" else check_retinanet_program
-                res = fn(model, path, batch, sizes, rtol=args.rtol, atol=max(args.atol, 1e-4))
-                _print(f"check {fmt}: {res}")
-                ok &= res.ok
-        side = base.with_suffix(".json")
-        atomic_write(side, json.dumps(sidecar, indent=1) + "\n")
-        _print(f"wrote {side} (preprocessing: mean, std, canvas size, pad multiple, categories)")
-        return 0 if ok else 1
-    example = _example_input(model, args.input, args.batch)
-    inputs = _sample_inputs(example, args.dynamic_batch, args.dynamic_size, getattr(model, "min_input_size", 1))
-    spec = getattr(model, "spec", None)
-    for fmt in formats:
-        t0 = time.perf_counter()
-        path = base.with_suffix(f".{fmt}")
-        if fmt == "onnx":
-            data = export_onnx(model, path, example, opset=args.opset, dynamic_batch=args.dynamic_batch,
-                               dynamic_size=args.dynamic_size)
-            _print(f"wrote {path} ({len(data) / 1e6:.1f} MB, opset {args.opset}, input {tuple(example.shape)}) "
-                   f"in {time.perf_counter() - t0:.1f} s")
-        else:
-            export_program(model, path, example, dynamic_batch=args.dynamic_batch, dynamic_size=args.dynamic_size)
-            _print(f"wrote {path} (ExportedProgram, input {tuple(example.shape)}) in {time.perf_counter() - t0:.1f} s")
-        if args.check:
-            fn = check_onnx if fmt == "onnx" else check_program
-            res = fn(model, path, inputs, rtol=args.rtol, atol=args.atol)
-            _print(f"check {fmt}: {res}")
-            ok &= res.ok
-    side = base.with_suffix(".json")
-    meta = {"format": "vertebra-backbone-export", "version": 1, "name": name, "source": info["source"],
-            "features_only": bool(getattr(model, "features_only", False)),
-            "outputs": _output_names(model), "input": list(example.shape[1:]),
-            "dynamic_batch": args.dynamic_batch, "dynamic_size": args.dynamic_size,
-            "mean": list(spec.mean) if spec is not None else info.get("mean"),
-            "std": list(spec.std) if spec is not None else info.get("std"),
-            "num_classes": getattr(model, "num_classes", None), "categories": info.get("categories")}
-    atomic_write(side, json.dumps(meta, indent=1) + "\n")
-    return 0 if ok else 1

@@ -18,7 +18,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-__all__ = ["MacCount", "count_macs", "count_params", "time_fn", "Timing"]
+from .. import precision
+from ..backbone import count_params
+
+__all__ = ["MacCount", "count_macs", "time_fn", "Timing"]
 
 # ops that move or reshape data, or whose cost is negligible next to the convolutions:
 # not "unsupported", merely free in the MAC convention
@@ -57,10 +60,6 @@ class _OpRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.add(func._overloadpacket)
         return func(*args, **(kwargs or {}))
-
-
-def count_params(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def count_macs(model: nn.Module, input_size: tuple[int, int, int], batch: int = 1, device="meta") -> MacCount:
@@ -258,9 +257,8 @@ def peak_gmacs_per_s(device: str = "cpu", dtype: str = "fp32", n: int | None = N
 
 
 def _autocast(cfg: BenchConfig):
-    if cfg.dtype == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(cfg.device).type, dtype=DTYPES[cfg.dtype])
+    """The measurement's precision: ``--dtype bf16 / fp16`` run under autocast (vertebra.precision)."""
+    return precision.autocast(cfg.device, None if cfg.dtype == "fp32" else cfg.dtype)
 
 
 def _prepare(model: nn.Module, cfg: BenchConfig, optimize: bool) -> nn.Module:

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._io import atomic_write
 from ..registry import IMAGENET_MEAN, IMAGENET_STD
 from .postprocess import Postprocess
 
@@ -128,22 +127,11 @@ def export_retinanet_onnx(model, out: str | os.PathLike | io.BytesIO | None, siz
     dyn = None
     if dynamic_batch:
         dyn = {"images": {0: "batch"}, "image_sizes": {0: "batch"}}
-    import warnings
+    from ..export.backbone import write_onnx
 
-    from ..export.backbone import onnx_friendly
-
-    buf = io.BytesIO()
-    with torch.no_grad(), onnx_friendly(model), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(wrapper, (images, sizes), buf, dynamo=False, opset_version=opset,
-                          input_names=["images", "image_sizes"],
-                          output_names=["boxes", "scores", "labels", "batch_index"], dynamic_axes=dyn)
-    data = buf.getvalue()
-    if isinstance(out, io.BytesIO):
-        out.write(data)
-    elif out is not None:
-        atomic_write(out, data)
-    return data
+    return write_onnx(wrapper, (images, sizes), out, model=model, opset_version=opset,
+                      input_names=["images", "image_sizes"],
+                      output_names=["boxes", "scores", "labels", "batch_index"], dynamic_axes=dyn)
 
 
 def export_retinanet_program(model, out: str | os.PathLike | None, size: int, *, batch: int = 1):

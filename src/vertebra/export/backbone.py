@@ -18,6 +18,7 @@ import contextlib
 import io
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ __all__ = [
     "example_input",
     "sample_inputs",
     "save_program",
+    "write_onnx",
 ]
 
 DEFAULT_OPSET = 17
@@ -166,14 +168,19 @@ def export_onnx(model: nn.Module, out: str | os.PathLike | io.BytesIO | None, ex
             dyn[n] = {0: "batch"} if dynamic_batch else {}
             if dynamic_size and n != "logits":
                 dyn[n].update({2: f"{n}_h", 3: f"{n}_w"})
-    buf = io.BytesIO()
-    import warnings
+    return write_onnx(_Outputs(model).eval(), (example,), out, model=model, opset_version=opset,
+                      input_names=["images"], output_names=names, dynamic_axes=dyn)
 
+
+def write_onnx(graph: nn.Module, args: tuple, out: str | os.PathLike | io.BytesIO | None, *, model: nn.Module,
+               **onnx_kwargs) -> bytes:
+    """``torch.onnx.export`` of ``graph`` (TorchScript-based, ``dynamo=False``) with ``model``'s modules made
+    export-friendly (:func:`onnx_friendly`); the bytes go to ``out`` (a path, written atomically, or a buffer)
+    and are returned. The one ONNX writer of backbones and detectors."""
+    buf = io.BytesIO()
     with torch.no_grad(), onnx_friendly(model), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TracerWarnings on shape checks; the check below is the judge
-        torch.onnx.export(_Outputs(model).eval(), (example,), buf, dynamo=False, opset_version=opset,
-                          input_names=["images"], output_names=names, dynamic_axes=dyn,
-                          do_constant_folding=True)
+        warnings.simplefilter("ignore")  # TracerWarnings on shape checks; the checks are the judge
+        torch.onnx.export(graph, args, buf, dynamo=False, do_constant_folding=True, **onnx_kwargs)
     data = buf.getvalue()
     if isinstance(out, io.BytesIO):
         out.write(data)

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torchvision.transforms import v2
 
-__all__ = ["detection_transforms", "classification_transforms", "box_labels_getter", "PER_BOX_KEYS"]
+__all__ = ["detection_transforms", "classification_transforms", "weights_transforms", "box_labels_getter",
+           "PER_BOX_KEYS"]
 
 # target entries that hold one value per box and must be filtered together with the boxes
 PER_BOX_KEYS = ("labels", "difficult", "iscrowd")
@@ -113,3 +114,23 @@ def classification_transforms(
     if mean is not None:
         ops.append(v2.Normalize(mean=list(mean), std=list(std)))
     return v2.Compose(ops)
+
+
+def weights_transforms(weights) -> v2.Compose:
+    """The evaluation preprocessing published weights expect (a :class:`vertebra.hub.Weights` entry, or
+    anything with its ``input_size``, ``crop_pct``, ``interpolation``, ``mean`` and ``std``): the image as float
+    0..1, the shorter side resized to ``floor(size / crop_pct)`` with the weights' interpolation (antialiased),
+    a center crop of ``size`` x ``size``, normalised with the weights' mean / std. On a float image it equals
+    torchvision's ``weights.transforms()``; on 8-bit pixels torchvision (and timm, on PIL images) resize in
+    8 bits, which differs by rounding (at most one grey level). Takes a PIL image or a 3 x H x W tensor.
+    """
+    size = int(weights.input_size[-1])
+    # torchvision's crop_pct is crop / resize (224 / 232): the epsilon keeps 232 from flooring to 231
+    resize = int(math.floor(size / float(weights.crop_pct) + 1e-6))
+    modes = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC,
+             "nearest": v2.InterpolationMode.NEAREST}
+    if weights.interpolation not in modes:
+        raise ValueError(f"interpolation must be one of {', '.join(modes)}, got {weights.interpolation!r}")
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Resize(resize, interpolation=modes[weights.interpolation], antialias=True),
+                       v2.CenterCrop(size), v2.Normalize(mean=list(weights.mean), std=list(weights.std))])

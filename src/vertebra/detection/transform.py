@@ -21,7 +21,20 @@ from torch import Tensor, nn
 
 from ..registry import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["Preprocess", "ImageBatch"]
+__all__ = ["Preprocess", "ImageBatch", "backbone_normalization"]
+
+
+def backbone_normalization(backbone) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) a backbone's inputs are normalised with: those of the published weights it was loaded
+    with (``backbone.pretrained_weights``), else its network's training set's (``backbone.spec``), else
+    ImageNet's (a backbone instance that says nothing)."""
+    weights = getattr(backbone, "pretrained_weights", None)
+    if weights is not None:
+        return tuple(weights.mean), tuple(weights.std)
+    spec = getattr(backbone, "spec", None)
+    if spec is not None:
+        return tuple(spec.mean), tuple(spec.std)
+    return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
 
 
 class ImageBatch:

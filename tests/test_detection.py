@@ -18,6 +18,7 @@ from vertebra.detection.anchors import AnchorGenerator, default_anchor_sizes
 from vertebra.detection.boxes import match_anchors, match_anchors_atss, pad_targets
 from vertebra.detection.losses import focal_loss_dense
 from vertebra.detection.retinanet import Postprocess
+from vertebra.precision import cpu_bf16_supported
 
 K = 7
 SMALL = dict(min_size=256, max_size=256, score_thresh=0.02, detections_per_img=50)
@@ -369,6 +370,8 @@ def test_optimize_for_inference_fuses_the_heads_and_keeps_the_outputs():
         assert towers[0]._onednn(x.tensor)
 
 
+@pytest.mark.skipif(not cpu_bf16_supported(), reason="this CPU has no bfloat16 convolutions (test_engine checks "
+                                                     "the error that says so)")
 def test_optimize_for_inference_in_bfloat16_keeps_the_detections():
     torch.manual_seed(0)
     model = _resnet18_detector(score_thresh=0.0, detections_per_img=50).eval()

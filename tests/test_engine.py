@@ -21,6 +21,7 @@ from vertebra.engine.config import TrainConfig
 from vertebra.engine.evaluate import coco_evaluate, voc_ap, voc_evaluate
 from vertebra.engine.models import load_model
 from vertebra.engine.train import NonFiniteLossError, Trainer
+from vertebra.precision import cpu_bf16_supported
 
 SIZE = 96
 BACKBONE = "shufflenet_v2_x0_5"
@@ -257,6 +258,28 @@ def test_classification_on_image_folder(tmp_path):
     assert model(torch.rand(1, 3, 32, 32)).shape == (1, 2)
 
 
+def test_bf16_refused_where_the_cpu_has_none(shapes, trained, tmp_path, monkeypatch, capsys):
+    """On a CPU without bfloat16 convolutions (torch's would fail mid-run in mkldnn_convolution), every bf16
+    request is one line naming its flag, before any work; ``--amp`` (auto) falls back to float32."""
+    import vertebra
+    import vertebra.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_supported", lambda: False)
+    assert precision.resolve_amp("auto", "cpu") is None and precision.resolve_amp("auto", "cuda") == "fp16"
+    with pytest.raises(ValueError, match="no bfloat16 convolutions"):
+        vertebra.optimize_for_inference(vertebra.create_backbone("resnet18", num_classes=2), dtype=torch.bfloat16)
+    image = str(shapes / "val" / "000000.jpg")
+    runs = [["predict", image, "--checkpoint", str(trained / "last.safetensors"), "--out", str(tmp_path / "p"),
+             "--device", "cpu", "--bf16"],
+            ["train", "--data", str(shapes), "--backbone", BACKBONE, "--size", str(SIZE), "--epochs", "1",
+             "--device", "cpu", "--amp", "bf16", "--out", str(tmp_path / "run"), "--no-progress"]]
+    for argv, flag in zip(runs, ["--bf16", "--amp bf16"]):
+        assert _cli(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and flag in err and "bfloat16" in err, err
+    assert not (tmp_path / "p").exists()
+
+
 def _cli(argv):
     p = argparse.ArgumentParser(prog="vertebra")
     register(p.add_subparsers(dest="cmd"))
@@ -276,11 +299,13 @@ def test_predict_and_eval_commands(shapes, trained, tmp_path):
         assert 1 <= d["category_id"] <= 6 and d["category"] in ("circle", "square", "triangle", "star", "cross",
                                                                 "hexagon")
     # --bf16 runs end to end and writes the same outputs (the bf16 numerics are tested in test_detection:
-    # this barely trained model has few or no scores above the threshold)
-    assert _cli(["predict", *images, "--checkpoint", str(ck), "--out", str(tmp_path / "pred16"),
-                 "--score-thresh", "0.0", "--device", "cpu", "--bf16"]) == 0
-    res16 = json.loads((tmp_path / "pred16" / "predictions.json").read_text())
-    assert [r["image"] for r in res16] == images and (tmp_path / "pred16" / "000000.jpg").is_file()
+    # this barely trained model has few or no scores above the threshold); a CPU without bf16 convolutions
+    # refuses it in one line (test_bf16_refused_where_the_cpu_has_none)
+    if cpu_bf16_supported():
+        assert _cli(["predict", *images, "--checkpoint", str(ck), "--out", str(tmp_path / "pred16"),
+                     "--score-thresh", "0.0", "--device", "cpu", "--bf16"]) == 0
+        res16 = json.loads((tmp_path / "pred16" / "predictions.json").read_text())
+        assert [r["image"] for r in res16] == images and (tmp_path / "pred16" / "000000.jpg").is_file()
     out = tmp_path / "eval.json"
     assert _cli(["eval", "--checkpoint", str(ck), "--out", str(out), "--device", "cpu", "--batch", "4"]) == 0
     m = json.loads(out.read_text())["metrics"]

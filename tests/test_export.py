@@ -27,6 +27,7 @@ import vertebra
 from vertebra import export as E
 from vertebra.export import backbone as export_backbone
 from vertebra.inference import optimize_for_inference
+from vertebra.precision import cpu_bf16_supported
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -239,6 +240,8 @@ def test_optimized_model_exports_without_fused_ops(name, tmp_path):
     assert "mkldnn" not in str(ep.graph)
 
 
+@pytest.mark.skipif(not cpu_bf16_supported(), reason="this CPU has no bfloat16 convolutions (test_engine checks "
+                                                     "the error that says so)")
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 def test_optimized_model_in_bfloat16(name):
     torch.manual_seed(0)

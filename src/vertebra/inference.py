@@ -142,6 +142,11 @@ def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_l
     """
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
+    if dtype is not None:
+        from .precision import check_dtype
+
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        check_dtype(dtype, device, flag=f"dtype={dtype}")
     from .backbone import Backbone
     from .detection.retinanet import RetinaNet
 

@@ -6,18 +6,45 @@ import contextlib
 
 import torch
 
-__all__ = ["AMP_DTYPES", "resolve_amp", "autocast"]
+__all__ = ["AMP_DTYPES", "resolve_amp", "autocast", "cpu_bf16_supported", "check_dtype"]
 
 #: the mixed-precision names the engine, bench and CLI accept
 AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU runs oneDNN's bfloat16 convolutions (AVX-512 BW/VL/DQ or AVX-NE-CONVERT): without
+    them torch's bf16 convolution on CPU fails (``mkldnn_convolution: bf16 path needs the cpu support ...``)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return False
+
+
+def check_dtype(dtype: torch.dtype | str | None, device: str | torch.device, flag: str = "bf16") -> None:
+    """Raise a one-line ``ValueError`` (naming ``flag``) where ``device`` cannot run ``dtype`` ("bf16" / "fp16"
+    or the torch dtype): bf16 on a CPU without bf16 convolutions, fp16 anywhere but CUDA."""
+    if dtype is None:
+        return
+    name = dtype if isinstance(dtype, str) else {v: k for k, v in AMP_DTYPES.items()}.get(dtype)
+    kind = torch.device(device).type
+    if name == "bf16" and kind == "cpu" and not cpu_bf16_supported():
+        raise ValueError(f"{flag}: this CPU has no bfloat16 convolutions (oneDNN needs AVX-512 BW/VL/DQ or "
+                         f"AVX-NE-CONVERT); run in float32 (leave out {flag})")
+    if name == "fp16" and kind != "cuda":
+        raise ValueError(f"{flag}: float16 needs a CUDA device, this run is on {kind}; on CPU use bf16")
+
+
 def resolve_amp(amp: str | None, device: str | torch.device) -> str | None:
-    """``"auto"``: fp16 on CUDA, bf16 elsewhere; ``None``/``"fp32"``/``"none"``: no autocast; else the name."""
+    """``"auto"``: fp16 on CUDA, bf16 on a CPU with bf16 convolutions, else none; ``None``/``"fp32"``/``"none"``:
+    no autocast; else the name."""
     if amp in (None, "", "fp32", "none", "off"):
         return None
     if amp == "auto":
-        return "fp16" if torch.device(device).type == "cuda" else "bf16"
+        kind = torch.device(device).type
+        if kind == "cuda":
+            return "fp16"
+        return "bf16" if kind != "cpu" or cpu_bf16_supported() else None
     if amp not in AMP_DTYPES:
         raise ValueError(f"amp must be one of auto, fp32, {', '.join(AMP_DTYPES)}; got {amp!r}")
     return amp

@@ -180,8 +180,7 @@ def check_config(cfg: BenchConfig) -> None:
         raise ValueError(f"device {cfg.device!r} is not available: torch sees no CUDA GPU on this machine")
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device {cfg.device!r} is not supported: use cpu or cuda[:N]")
-    if dev.type == "cpu" and cfg.dtype == "fp16":
-        raise ValueError("fp16 is for CUDA; on CPU use fp32 or bf16 (autocast)")
+    precision.check_dtype(None if cfg.dtype == "fp32" else cfg.dtype, dev, flag=f"--dtype {cfg.dtype}")
     if cfg.task not in ("cls", "det"):
         raise ValueError(f"--task must be cls or det, got {cfg.task!r}")
     if cfg.batch < 1:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .._io import atomic_write
+from ..precision import check_dtype
 from . import techniques
 from .checkpoint import (
     CheckpointError,
@@ -121,9 +122,8 @@ class Trainer:
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.ema = techniques.ModelEma(self.model, decay=cfg.ema, warmup=True) if cfg.ema else None
         self.scaler = None
+        check_dtype(cfg.amp, self.device, flag=f"--amp {cfg.amp}")
         if cfg.amp == "fp16":
-            if self.device.type != "cuda":
-                raise ValueError("fp16 AMP needs a CUDA device; on CPU use --amp bf16")
             self.scaler = torch.amp.GradScaler("cuda")
 
         n, g = len(self.train_set), self.plan.global_batch

@@ -10,7 +10,7 @@ import torch
 
 import vertebra
 from vertebra.backbone import count_params
-from vertebra.reference.twins import build_twin, has_timm
+from vertebra.reference.twins import TWIN_BUILD_KWARGS, build_twin, has_timm
 from vertebra.weights import StateDictMismatch
 
 ALL = vertebra.list_backbones()
@@ -19,8 +19,7 @@ ALL = vertebra.list_backbones()
 # (which ``create_backbone(weights=...)``, the CLI and the benchmarks take for the same network), but
 # their key maps exist and are tested here. Value: the arch kwargs that make ours the twin's network.
 CONDITIONAL_TWINS = {
-    # timm's MobileNet v1 uses ReLU6, the paper ReLU
-    ("mobilenet_v1", "timm:mobilenetv1_100"): {"act": "relu6"},
+    **TWIN_BUILD_KWARGS,
     # timm pre-activates after the stem's max-pool, the paper before it: equal while BN scales are > 0
     ("preact_resnet50", "timm:resnetv2_50"): {},
 }

@@ -2,15 +2,16 @@
 
 from .backbone import Backbone, FeatureInfo
 from .inference import optimize_for_inference
-from .registry import BackboneSpec, backbone_spec, create_backbone, list_backbones
+from .registry import BackboneSpec, backbone_spec, create_backbone, list_backbones, list_models
 from .weights import load_reference_weights
 
 __version__ = "0.1.0"
 
 
 def create_detector(name: str = "retinanet", **kwargs):
-    """``create_detector("retinanet", backbone="resnet50", num_classes=80, **kw) -> RetinaNet``; kw names
-    and defaults follow torchvision's RetinaNet (see ``vertebra.detection.build_retinanet``)."""
+    """``create_detector("retinanet", backbone="resnet50", num_classes=80, pretrained=None, **kw) -> RetinaNet``;
+    kw names and defaults follow torchvision's RetinaNet (see ``vertebra.detection.build_retinanet``);
+    ``pretrained="coco"``: a COCO-trained RetinaNet (``vertebra.detection.create_detector``)."""
     from .detection import create_detector as _create
 
     return _create(name, **kwargs)
@@ -24,6 +25,7 @@ __all__ = [
     "create_backbone",
     "create_detector",
     "list_backbones",
+    "list_models",
     "load_reference_weights",
     "optimize_for_inference",
 ]

@@ -9,12 +9,19 @@ source reports. Each entry names the twin (``torchvision:resnet50``) whose key m
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["Weights", "WeightsError", "list_weights", "get_weights", "has_weights", "TABLE_PATH"]
+__all__ = ["Weights", "WeightsError", "list_weights", "get_weights", "has_weights", "TABLE_PATH", "cache_dir",
+           "cached_path", "is_cached", "download", "load_state_dict", "load_pretrained", "resolve", "fetch",
+           "url_path", "is_url"]
+
+log = logging.getLogger("vertebra.hub")
 
 TABLE_PATH = Path(__file__).parent / "reference" / "weights.json"
 
@@ -103,3 +110,172 @@ def get_weights(network: str, pretrained: bool | str = True) -> Weights:
         what = "is ambiguous" if hits else "is not a tag"
         raise WeightsError(f"{pretrained!r} {what} of {network}'s weights; it has: {tags}")
     return hits[0]
+
+
+def resolve(network: str, pretrained) -> Weights:
+    """The entry that ``pretrained`` names for ``network``: True, a tag, or a :class:`Weights` itself."""
+    if isinstance(pretrained, Weights):
+        if pretrained.network != network:
+            raise WeightsError(f"the weights {pretrained.network}:{pretrained.tag} are not {network}'s")
+        return pretrained
+    return get_weights(network, pretrained)
+
+
+# -- the cache and the download -------------------------------------------------------------
+
+
+def home() -> Path:
+    """``$VERTEBRA_HOME``, by default ``<torch.hub.get_dir()>/vertebra``."""
+    env = os.environ.get("VERTEBRA_HOME")
+    if env:
+        return Path(env).expanduser()
+    import torch.hub
+
+    return Path(torch.hub.get_dir()) / "vertebra"
+
+
+def cache_dir() -> Path:
+    """Where downloaded weights live: ``<home>/weights/<source>/...``."""
+    return home() / "weights"
+
+
+def cached_path(w: Weights) -> Path:
+    """The file's place in the cache: ``<cache>/torchvision/resnet50-11ad3fa6.pth``,
+    ``<cache>/timm/resnet50.a1_in1k/model.safetensors`` (timm's files all share one name)."""
+    if w.hf_hub_id:
+        return cache_dir() / w.source / w.hf_hub_id.rsplit("/", 1)[-1] / w.file_name
+    return cache_dir() / w.source / w.file_name
+
+
+def is_cached(w: Weights) -> bool:
+    return cached_path(w).is_file()
+
+
+def _offline() -> bool:
+    return os.environ.get("VERTEBRA_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _fetch_url(url: str) -> str:
+    """The URL the file is fetched from: ``VERTEBRA_MIRROR/<host>/<path>`` where a mirror is set."""
+    mirror = os.environ.get("VERTEBRA_MIRROR", "").strip()
+    if not mirror:
+        return url
+    rest = url.split("://", 1)[-1]
+    return f"{mirror.rstrip('/')}/{rest}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _by_hand(url: str, path: Path, network: str | None = None) -> str:
+    again = f"`vertebra weights download {network}`" if network else "the same command"
+    return f"download {url} and place it at {path} (or run {again} on a machine with internet and copy " \
+           f"{cache_dir()} here)"
+
+
+def fetch(url: str, path: Path, *, sha256: str | None = None, what: str | None = None, network: str | None = None,
+          progress: bool = True, force: bool = False) -> Path:
+    """``path``, downloaded from ``url`` first where it is not there (or ``force``).
+
+    The download goes to a temporary file that is renamed only when whole; a file whose sha256 does not start
+    with ``sha256`` is deleted and reported. Offline (``VERTEBRA_OFFLINE=1``) or without a network, a file not
+    there raises :class:`WeightsError` naming the URL and the path where it can be placed by hand.
+    """
+    what = what or url
+    if path.is_file() and not force:
+        return path
+    if _offline():
+        raise WeightsError(f"{what} is not in the cache and VERTEBRA_OFFLINE is set: {_by_hand(url, path, network)}")
+    import torch.hub
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    source = _fetch_url(url)
+    try:
+        torch.hub.download_url_to_file(source, str(path), hash_prefix=None, progress=progress)
+    except Exception as exc:  # URLError, HTTPError, IncompleteRead, timeouts, a full disk
+        path.unlink(missing_ok=True)
+        raise WeightsError(f"could not download {what} from {source}: {exc}; {_by_hand(url, path, network)}") from exc
+    if sha256:
+        digest = _sha256(path)
+        if not digest.startswith(sha256.lower()):
+            path.unlink(missing_ok=True)
+            raise WeightsError(f"checksum mismatch for {source}: its sha256 is {digest[:max(len(sha256), 8)]}..., "
+                               f"the source publishes {sha256}...; the file was deleted (a broken or tampered "
+                               f"download): run again to download it again")
+    return path
+
+
+def download(w: Weights, *, progress: bool = True, force: bool = False) -> Path:
+    """The cached file of ``w`` (:func:`fetch`: downloaded and its checksum checked where not in the cache)."""
+    return fetch(w.url, cached_path(w), sha256=w.sha256, what=f"{w.network} weights {w.tag}", network=w.network,
+                 progress=progress, force=force)
+
+
+def url_path(url: str) -> Path:
+    """The cache place of a weights file given by URL (``create_backbone(weights=URL)``): ``<cache>/url/<host>/...``."""
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    parts = [p for p in u.path.split("/") if p not in ("", ".", "..")]
+    if not parts:
+        raise WeightsError(f"{url}: a weights URL must name a file")
+    return cache_dir() / "url" / (u.hostname or "host") / Path(*parts)
+
+
+def is_url(value) -> bool:
+    return isinstance(value, str) and value.split("://", 1)[0].lower() in ("http", "https")
+
+
+def load_state_dict(w: Weights, *, progress: bool = True) -> dict:
+    """The state_dict of ``w`` as its source saved it (downloaded and checked where needed), read without
+    unpickling (``torch.load(weights_only=True)`` / safetensors). An unreadable cached file (a truncated copy
+    placed by hand, a disk error) is deleted and reported."""
+    from .weights import read_state_dict
+
+    path = download(w, progress=progress)
+    try:
+        return read_state_dict(path)
+    except ValueError as exc:
+        path.unlink(missing_ok=True)
+        raise WeightsError(f"{exc}; the file was deleted from the cache: run again to download it again") from exc
+
+
+def _backbone_names() -> set[str]:
+    from .registry import list_backbones
+
+    return set(list_backbones())
+
+
+def load_pretrained(model, w: Weights, *, template=None, progress: bool = True):
+    """Load the published weights ``w`` into a vertebra network built for them (its twin's key map).
+
+    ``template``: the same network with the weights' class count (meta device), for a model with another
+    classifier: that classifier keeps its random initialisation (one log line says so). A ``features_only``
+    model loads the body. ``model.pretrained_weights`` becomes ``w``.
+    """
+    from .reference.twins import in_twin_order
+    from .weights import load_reference_weights
+
+    sd = load_state_dict(w, progress=progress)
+    missing = None
+    if w.network in _backbone_names():
+        try:
+            sd = in_twin_order(sd, w.twin, w.num_classes)
+        except ImportError as exc:  # timm absent: the key maps that rename keys need no order
+            missing = exc
+    if template is not None:
+        log.warning("%s: the %d-class classifier of the weights %s is not loaded; the model's %d-class classifier "
+                    "keeps its random initialisation", model.name, w.num_classes, w.tag, model.num_classes)
+    try:
+        load_reference_weights(model, sd, w.source, template=template)
+    except ValueError as exc:
+        if missing is None:
+            raise
+        raise WeightsError(f"{w.network} weights {w.tag}: {exc} ({missing})") from exc
+    model.pretrained_weights = w
+    return model

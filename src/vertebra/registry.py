@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from .reference import facts_for
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "NORMALIZATION", "BackboneSpec", "register", "list_backbones",
-           "list_families", "backbone_spec", "create_backbone"]
+           "list_families", "list_models", "backbone_spec", "create_backbone"]
 
 
 #: the per-channel statistics of each training set, for input normalisation (RGB, 0..1 pixels)
@@ -74,6 +74,19 @@ class BackboneSpec:
     def std(self) -> tuple[float, ...]:
         """The per-channel standard deviation the network's inputs are normalised with."""
         return NORMALIZATION[self.dataset][1]
+
+    @property
+    def weights(self) -> list:
+        """The published weights of this network (:class:`vertebra.hub.Weights`, the default first); [] if none."""
+        from .hub import list_weights
+
+        return list_weights(self.name)
+
+    @property
+    def has_weights(self) -> bool:
+        from .hub import has_weights
+
+        return has_weights(self.name)
 
     @property
     def reference_source(self) -> str | None:
@@ -192,6 +205,20 @@ def list_backbones(family: str | None = None) -> list[str]:
     return names
 
 
+def list_models(pattern: str = "*", pretrained: bool = False, exclude: str | None = None) -> list[str]:
+    """timm's spelling: the sorted registry names that match the wildcard ``pattern`` (fnmatch: ``"resnet*"``;
+    a list of patterns also works), only those with published weights if ``pretrained``."""
+    import fnmatch
+
+    from .hub import has_weights
+
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    names = [n for n in list_backbones() if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if exclude:
+        names = [n for n in names if not fnmatch.fnmatchcase(n, exclude)]
+    return [n for n in names if has_weights(n)] if pretrained else names
+
+
 def list_families() -> list[str]:
     """Sorted family names (what ``list_backbones(family)`` accepts)."""
     _load_all()
@@ -210,19 +237,42 @@ def create_backbone(
     features_only: bool = False,
     out_strides=None,
     drop_path_rate: float | None = None,
+    pretrained=False,
     weights=None,
     **arch_kwargs,
 ):
     """Build a registered network.
 
     ``num_classes`` defaults to the paper's dataset (1000 for ImageNet, 10 for CIFAR-10 and
-    MNIST); ``in_chans`` to the paper's input channels. ``weights`` is a path to a checkpoint:
-    vertebra's own, or a torchvision/timm state_dict of the network's twin.
-    ``drop_path_rate`` (stochastic depth, the paper's linear rule) defaults to 0, except for
-    the stochastic-depth presets (``resnet110_sd``, ``resnet152_sd``: 0.5, i.e. p_L = 0.5).
+    MNIST), or to the class count of the ``pretrained`` weights; ``in_chans`` to the paper's input
+    channels. ``drop_path_rate`` (stochastic depth, the paper's linear rule) defaults to 0, except
+    for the stochastic-depth presets (``resnet110_sd``, ``resnet152_sd``: 0.5, i.e. p_L = 0.5).
+
+    ``pretrained``: True, the network's best published weights (``vertebra weights list NAME``);
+    a tag such as ``"torchvision:IMAGENET1K_V2"`` or ``"timm:a1_in1k"``, that set. They are
+    downloaded once into the cache and loaded through the twin's key map, with the build
+    arguments they need (``Weights.build_kwargs``); a ``num_classes`` other than theirs keeps a
+    new classifier (a log line says so); ``features_only`` loads the body. ``model.pretrained_weights``
+    is the entry (its ``mean`` / ``std`` / ``input_size`` are the preprocessing they expect).
+    ``weights`` is a path or an http(s) URL of a checkpoint instead: vertebra's own, or a
+    torchvision/timm state_dict of the network's twin.
     """
     spec, builder = _lookup(name)
+    w = None
+    if pretrained is not None and pretrained is not False:
+        if weights is not None:
+            raise ValueError("give pretrained (published weights by name) or weights (a file or URL), not both")
+        from .hub import resolve
+
+        w = resolve(name, pretrained)
+        if in_chans not in (None, w.input_size[0]):
+            raise ValueError(f"{name} weights {w.tag} take {w.input_size[0]} input channels, not in_chans={in_chans}")
     kwargs = dict(spec.defaults)
+    if w is not None:
+        clash = {k: v for k, v in w.build_kwargs.items() if k in arch_kwargs and arch_kwargs[k] != v}
+        if clash:
+            raise ValueError(f"{name} weights {w.tag} are for {w.build_kwargs}; {clash} does not fit them")
+        kwargs.update(w.build_kwargs)
     kwargs.update(arch_kwargs)
     preset_rate = kwargs.pop("drop_path_rate", 0.0)
     rate = preset_rate if drop_path_rate is None else drop_path_rate
@@ -230,14 +280,23 @@ def create_backbone(
         kwargs["drop_path_rate"] = rate
     elif rate:
         raise ValueError(f"{name} has no residual branches to drop: drop_path_rate must be 0, got {rate}")
-    model = builder(
-        num_classes=spec.num_classes if num_classes is None else num_classes,
-        in_chans=spec.input_size[0] if in_chans is None else in_chans,
-        **kwargs,
-    )
+    default_classes = spec.num_classes if w is None else w.num_classes
+    n = default_classes if num_classes is None else num_classes
+    c = spec.input_size[0] if in_chans is None else in_chans
+    model = builder(num_classes=n, in_chans=c, **kwargs)
     model.spec = spec
     model.configure_outputs(features_only=features_only, out_strides=out_strides)
-    if weights is not None:
+    if w is not None:
+        from .hub import load_pretrained
+
+        template = None
+        if not features_only and n != w.num_classes:
+            import torch
+
+            with torch.device("meta"):
+                template = builder(num_classes=w.num_classes, in_chans=c, **kwargs)
+        load_pretrained(model, w, template=template)
+    elif weights is not None:
         from .weights import load_weights
 
         load_weights(model, weights)

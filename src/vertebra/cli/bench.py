@@ -25,7 +25,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     table = Table(title=f"vertebra backbones ({len(names)})", header_style="bold")
     for col, just in (("name", "left"), ("family", "left"), ("input", "right"), ("params (M)", "right"),
                       ("paper (M)", "right"), ("GMACs", "right"), ("paper GMACs", "right"),
-                      ("top-1 err", "right"), ("twin", "left")):
+                      ("top-1 err", "right"), ("twin", "left"), ("weights", "right")):
         table.add_column(col, justify=just, no_wrap=col == "name")
     for name in names:
         spec = backbone_spec(name)
@@ -35,10 +35,14 @@ def cmd_list(args: argparse.Namespace) -> int:
         gmacs = count_macs(model, spec.input_size).gmacs
         tol = None if spec.paper_params_m is None else spec.paper_params_m * spec.params_tol_pct / 100
         ok = tol is None or abs(params - spec.paper_params_m) <= tol
+        sets = spec.weights
+        best = max((w.top1 or 0.0 for w in sets), default=0.0)
+        weights = "-" if not sets else f"{len(sets)}, top-1 {best:.1f}" if best else str(len(sets))
         table.add_row(
             name, spec.family, "x".join(map(str, spec.input_size[1:])),
             f"[{'green' if ok else 'red'}]{params:.3f}[/]", _fmt(spec.paper_params_m, ".3f"),
             f"{gmacs:.3f}", _fmt(spec.paper_gmacs, ".3f"), _fmt(spec.paper_top1_err, ".2f"), spec.reference or "",
+            weights,
         )
     console.print(table)
     return 0

@@ -1,7 +1,8 @@
 """The ``vertebra`` command: one module per group of subcommands, each with ``register(subparsers)``.
 
 ``cli.bench`` (list, info, bench), ``cli.data`` (data shapes), ``cli.train`` (train, eval, predict),
-``cli.export`` (export). Every subcommand sets ``handler``: a callable ``(args) -> exit code``.
+``cli.export`` (export), ``cli.classify`` (classify), ``cli.weights`` (weights). Every subcommand sets
+``handler``: a callable ``(args) -> exit code``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 
 from rich.markup import escape
 
-from . import bench, data, export, train
+from . import bench, classify, data, export, train, weights
 from ._console import console, err_console
 
 __all__ = ["build_parser", "main", "console", "err_console"]
@@ -22,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     bench.register(sub)
     train.register(sub)
+    classify.register(sub)
+    weights.register(sub)
     export.register(sub)
     data.register(sub)
     return p

@@ -12,7 +12,8 @@ from typing import Any
 
 from ._console import console, err_console
 
-__all__ = ["register", "config_from_args", "cmd_train", "cmd_eval", "cmd_predict", "predict_images"]
+__all__ = ["register", "config_from_args", "cmd_train", "cmd_eval", "cmd_predict", "predict_images",
+           "pretrained_detector"]
 
 EXIT_ERROR = 2
 EXIT_NONFINITE = 3
@@ -176,10 +177,18 @@ def register(subparsers) -> None:
     e.add_argument("--out", default=None, metavar="JSON", help="metrics file (default <checkpoint>.eval.json)")
     e.set_defaults(handler=cmd_eval)
 
-    q = subparsers.add_parser("predict", help="detect (or classify) images with a checkpoint",
-                              description="Write each image with its boxes drawn and a JSON of the detections.")
-    q.add_argument("images", nargs="+", metavar="IMAGE")
-    q.add_argument("--checkpoint", required=True, metavar="C")
+    q = subparsers.add_parser("predict", help="detect (or classify) images with a checkpoint or a COCO RetinaNet",
+                              description="Write each image with its boxes drawn and a JSON of the detections "
+                                          "(label, category name, score, box), by a trained checkpoint or by "
+                                          "a COCO-trained RetinaNet (--pretrained coco, no checkpoint needed).")
+    q.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders of them")
+    w = q.add_mutually_exclusive_group(required=True)
+    w.add_argument("--checkpoint", metavar="C", help="a checkpoint of vertebra train")
+    w.add_argument("--pretrained", nargs="?", const="coco", default=None, metavar="WEIGHTS",
+                   help="a RetinaNet with published weights: coco (the default) takes the best COCO-trained set "
+                        "for --backbone, a name such as retinanet_resnet50_fpn:COCO_V1 one set "
+                        "(vertebra weights list shows them)")
+    q.add_argument("--backbone", default="resnet50", help="the backbone of --pretrained (default resnet50)")
     q.add_argument("--out", default="predictions", metavar="DIR", help="output folder (default predictions/)")
     q.add_argument("--score-thresh", type=float, default=0.3)
     q.add_argument("--device", default=None)
@@ -370,23 +379,47 @@ def predict_images(model, state: dict[str, Any], paths: list[str], out_dir: Path
     return results
 
 
+def pretrained_detector(backbone: str, pretrained: str, device: str = "cpu"):
+    """``(model, state)`` of a RetinaNet with published weights, ``state["model"]`` its ModelSpec (the
+    weights' class names; a label is the COCO category id) as a checkpoint would hold it."""
+    from ..detection import create_detector
+    from ..engine.tasks import ModelSpec
+
+    model = create_detector("retinanet", backbone=backbone, pretrained=pretrained).to(device)
+    w = model.pretrained_weights
+    spec = ModelSpec(task="det", backbone=backbone, num_classes=model.num_classes, categories=list(model.categories),
+                     detector="retinanet", detector_kwargs={"pretrained": f"{w.network}:{w.tag}"},
+                     size=model.transform.min_size[-1], mean=list(w.mean), std=list(w.std))
+    return model, {"model": spec.to_dict()}
+
+
 def cmd_predict(args) -> int:
     import torch
+    from rich.markup import escape
 
     from ..data import DataError
     from ..engine import load_model
     from ..engine.checkpoint import CheckpointError
     from ..engine.tasks import ModelSpec, task_for
+    from ..hub import WeightsError
     from ..inference import optimize_for_inference
+    from ..precision import check_dtype
+    from .classify import image_files
 
     device = _device(args.device)
     try:
-        model, state = load_model(args.checkpoint, ema=not args.no_ema, device=device)
+        if args.bf16:
+            check_dtype("bf16", device, flag="--bf16")
+        paths = image_files(args.images)
+        if args.pretrained is not None:
+            model, state = pretrained_detector(args.backbone, args.pretrained, device)
+        else:
+            model, state = load_model(args.checkpoint, ema=not args.no_ema, device=device)
         # BN folded, channels_last, fused conv + ReLU (outputs equal within float rounding); bf16 on request
         model = optimize_for_inference(model, inplace=True, dtype=torch.bfloat16 if args.bf16 else None)
-        results = predict_images(model, state, args.images, Path(args.out), args.score_thresh, device)
-    except (CheckpointError, DataError, FileNotFoundError, ValueError) as e:
-        err_console.print(f"[red]error:[/] {e}")
+        results = predict_images(model, state, paths, Path(args.out), args.score_thresh, device)
+    except (CheckpointError, DataError, WeightsError, FileNotFoundError, ValueError) as e:
+        err_console.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
         return EXIT_ERROR
     task = task_for(ModelSpec.from_dict(state["model"]).task)
     for r in results:

@@ -7,6 +7,11 @@ score_thresh=0.05, nms_thresh=0.5, detections_per_img=300, topk_candidates=1000`
 fpn_channels=256, p6_from="p5", min_level=3, max_level=7, head_convs=4, matcher="iou" | "atss",
 box_loss="l1" | "giou"``
 (see ``retinanet.build_retinanet``).
+
+``create_detector("retinanet", backbone="resnet50", pretrained="coco")``: the COCO-trained detector with the
+highest box AP published for that backbone (torchvision's ``retinanet_resnet50_fpn_v2`` for resnet50);
+``pretrained="retinanet_resnet50_fpn"`` (the v1) or ``"retinanet_resnet50_fpn:COCO_V1"`` names one set (see
+``retinanet.detector_weights`` and ``retinanet.pretrained_retinanet``); ``model.categories`` holds the class names.
 """
 
 from __future__ import annotations
@@ -15,7 +20,14 @@ from .anchors import AnchorGenerator
 from .fpn import FPN
 from .head import RetinaNetHead
 from .postprocess import Postprocess
-from .retinanet import RetinaNet, RetinaNetCore, build_retinanet, validate_targets
+from .retinanet import (
+    RetinaNet,
+    RetinaNetCore,
+    build_retinanet,
+    detector_weights,
+    pretrained_retinanet,
+    validate_targets,
+)
 from .transform import Preprocess
 
 __all__ = [
@@ -27,20 +39,37 @@ __all__ = [
     "RetinaNetHead",
     "RetinaNetCore",
     "create_detector",
+    "detector_weights",
     "list_detectors",
     "validate_targets",
 ]
 
 _DETECTORS = {"retinanet": build_retinanet}
+#: the builders of the detectors that have published weights (``create_detector(..., pretrained=...)``)
+_PRETRAINED = {"retinanet": pretrained_retinanet}
 
 
 def list_detectors() -> list[str]:
     return sorted(_DETECTORS)
 
 
-def create_detector(name: str = "retinanet", *, backbone="resnet50", num_classes: int = 91, **kwargs) -> RetinaNet:
-    """Build a detector by name on a registered backbone (or a vertebra Backbone instance)."""
+def create_detector(name: str = "retinanet", *, backbone="resnet50", num_classes: int | None = None,
+                    pretrained: bool | str | None = None, **kwargs) -> RetinaNet:
+    """Build a detector by name on a registered backbone (or a vertebra Backbone instance).
+
+    ``num_classes`` defaults to 91 (torchvision's COCO label space). ``pretrained``: None / False, random
+    detector weights (``backbone_weights`` may still load the backbone's); ``"coco"`` / True, the COCO-trained
+    set with the highest published box AP for ``backbone``; a weights name such as ``"retinanet_resnet50_fpn"`` or
+    ``"retinanet_resnet50_fpn:COCO_V1"``, that set (``retinanet.detector_weights``). Pretrained, the model has
+    its source's settings, the weights' class count (``num_classes``, if given, must equal it) and
+    ``model.categories`` (the names by label); ``kwargs`` override the settings (``score_thresh``, ``min_size``).
+    """
     key = str(name).lower()
     if key not in _DETECTORS:
         raise KeyError(f"unknown detector {name!r}; vertebra has: {', '.join(list_detectors())}")
-    return _DETECTORS[key](backbone, num_classes, **kwargs)
+    if pretrained is not None and pretrained is not False:
+        if key not in _PRETRAINED:
+            raise KeyError(f"no published weights for the detector {name!r}; detectors with weights: "
+                           f"{', '.join(sorted(_PRETRAINED))}")
+        return _PRETRAINED[key](backbone, pretrained, num_classes, **kwargs)
+    return _DETECTORS[key](backbone, 91 if num_classes is None else num_classes, **kwargs)

@@ -28,7 +28,9 @@ key map; the v2 backbone's BatchNorm is not frozen by torchvision).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -39,10 +41,10 @@ from .frozen import convert_frozen_bn, fold_frozen_bn_live, freeze_stages
 from .head import RetinaNetHead
 from .losses import retinanet_losses
 from .postprocess import Postprocess
-from .transform import Preprocess
+from .transform import Preprocess, backbone_normalization
 
-__all__ = ["RetinaNet", "RetinaNetCore", "RetinaNetHead", "Postprocess", "build_retinanet", "pyramid_strides",
-           "validate_targets"]
+__all__ = ["RetinaNet", "RetinaNetCore", "RetinaNetHead", "Postprocess", "build_retinanet", "pretrained_retinanet",
+           "detector_weights", "pyramid_strides", "validate_targets"]
 
 
 def pyramid_strides(backbone, min_level: int = 3, max_level: int = 7) -> tuple[list[int], int]:
@@ -168,7 +170,13 @@ class RetinaNet(nn.Module):
     ``images``: a float tensor ``B x 3 x H x W`` or a list of ``3 x H x W`` in 0..1; targets: one
     ``{"boxes": N x 4 xyxy (input pixels), "labels": N int64 in [0, num_classes)}`` per image
     (N may be 0).
+
+    ``categories``: the class names by label (the COCO names of a COCO-trained model, else None);
+    ``pretrained_weights``: the published weights' entry (:class:`vertebra.hub.Weights`) it was loaded with.
     """
+
+    categories: list[str] | None = None
+    pretrained_weights = None
 
     def __init__(self, net: RetinaNetCore, anchor_generator: AnchorGenerator, transform: Preprocess,
                  postprocess: Postprocess, fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.4,
@@ -261,7 +269,12 @@ def build_retinanet(backbone: str | nn.Module = "resnet50", num_classes: int = 9
                     bg_iou_thresh: float = 0.4, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
                     box_loss: str = "l1", size_divisible: int = 32, backbone_kwargs: dict | None = None,
                     matcher: str = "iou", atss_topk: int = 9, head_convs: int = 4) -> RetinaNet:
-    """A RetinaNet on a registered backbone (by name) or on a vertebra Backbone instance."""
+    """A RetinaNet on a registered backbone (by name) or on a vertebra Backbone instance.
+
+    ``image_mean`` / ``image_std`` default to the backbone's normalisation: that of the weights it was loaded
+    with, else its network's (``detection.transform.backbone_normalization``; ImageNet's for an instance that
+    says nothing). COCO-trained weights: :func:`pretrained_retinanet`.
+    """
     if not 2 <= min_level <= max_level:
         raise ValueError(f"need 2 <= min_level <= max_level, got {min_level}, {max_level}")
     if isinstance(backbone, str):
@@ -288,7 +301,122 @@ def build_retinanet(backbone: str | nn.Module = "resnet50", num_classes: int = 9
         convert_frozen_bn(net.backbone)
         fold_frozen_bn_live(net.backbone)
     freeze_stages(net.backbone, min(trainable_stages, len(net.backbone.feature_info)))
+    if image_mean is None or image_std is None:
+        mean, std = backbone_normalization(bb)
+        image_mean = mean if image_mean is None else image_mean
+        image_std = std if image_std is None else image_std
     transform = Preprocess(min_size, max_size, image_mean, image_std, size_divisible)
     post = Postprocess(score_thresh, nms_thresh, detections_per_img, topk_candidates)
     return RetinaNet(net, anchor_gen, transform, post, fg_iou_thresh, bg_iou_thresh, focal_alpha, focal_gamma,
                      box_loss, matcher=matcher, atss_topk=atss_topk)
+
+
+# -- published detector weights ------------------------------------------------------------
+
+#: a RetinaNet weights entry's network name: ``retinanet_<backbone>_fpn`` or ``retinanet_<backbone>_fpn_v2``
+_WEIGHTS_NETWORK = re.compile(r"^retinanet_(?P<backbone>.+)_fpn(?:_v\d+)?$")
+
+
+def _retinanet_rows() -> list[tuple[str, Any]]:
+    """(backbone, entry) of every RetinaNet entry of the weights table."""
+    from ..hub import list_weights
+
+    rows = []
+    for w in list_weights():
+        m = _WEIGHTS_NETWORK.match(w.network)
+        if m:
+            rows.append((str(w.build_kwargs.get("backbone", m["backbone"])), w))
+    return rows
+
+
+def _box_ap(w) -> float:
+    return float(w.metrics.get("box_ap") or 0.0)
+
+
+def _listing(rows) -> str:
+    if not rows:
+        return "the weights table has no RetinaNet weights"
+    return "; ".join(f"{w.network}:{w.name} (backbone {bb}, {w.num_classes} {w.categories} classes, box AP "
+                     f"{_box_ap(w):g})" for bb, w in rows)
+
+
+def detector_weights(backbone: str = "resnet50", pretrained: bool | str = "coco"):
+    """The published RetinaNet weights (a :class:`vertebra.hub.Weights` entry) that ``pretrained`` names.
+
+    - ``"coco"`` (or ``True``): of the COCO-trained sets for ``backbone``, the one with the highest box AP its
+      source reports (for resnet50 that is torchvision's ``retinanet_resnet50_fpn_v2``);
+    - ``"<network>"``: that detector network's default set, e.g. ``"retinanet_resnet50_fpn"`` (torchvision's v1);
+    - ``"<network>:<tag>"``: one set, e.g. ``"retinanet_resnet50_fpn:COCO_V1"`` or
+      ``"retinanet_resnet50_fpn_v2:torchvision:COCO_V1"``.
+
+    A backbone without such weights, or a name that is none of these, raises :class:`vertebra.hub.WeightsError`
+    listing the RetinaNet weights that exist.
+    """
+    from ..hub import WeightsError, get_weights
+
+    rows = _retinanet_rows()
+    key = "coco" if pretrained is True else pretrained
+    if not isinstance(key, str) or not key:
+        raise TypeError(f"pretrained must be True, 'coco' or a name such as 'retinanet_resnet50_fpn:COCO_V1', "
+                        f"got {pretrained!r}")
+    if key in {"coco"} | {w.categories for _, w in rows}:
+        mine = [(bb, w) for bb, w in rows if bb == backbone and w.categories == key]
+        if not mine:
+            raise WeightsError(f"no {key.upper()}-trained RetinaNet weights for the backbone {backbone!r}; "
+                               f"there are: {_listing(rows)}")
+        return max(mine, key=lambda r: (_box_ap(r[1]), r[1].default))[1]
+    network, _, tag = key.partition(":")
+    found = [(bb, w) for bb, w in rows if w.network == network]
+    if not found:
+        raise WeightsError(f"pretrained={pretrained!r}: 'coco' or a RetinaNet weights name is expected; there "
+                           f"are: {_listing(rows)}")
+    bb, w = found[0]
+    if bb != backbone:
+        raise WeightsError(f"{network}'s weights are for the backbone {bb!r}, not {backbone!r}")
+    return get_weights(network, tag or True)
+
+
+def _category_names(w) -> list[str]:
+    """The class names of an entry's label set, by label (``reference/<categories>_classes.txt``)."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "reference" / f"{w.categories}_classes.txt"
+    names = path.read_text(encoding="utf-8").splitlines()
+    if len(names) != w.num_classes:
+        raise ValueError(f"{path} has {len(names)} names, the weights {w.network}:{w.name} {w.num_classes} classes")
+    return names
+
+
+def pretrained_retinanet(backbone: str = "resnet50", pretrained: bool | str = "coco", num_classes: int | None = None,
+                         **kwargs) -> RetinaNet:
+    """A RetinaNet with published detector weights (``pretrained`` as :func:`detector_weights` reads it).
+
+    Built with the settings its source trains and evaluates those weights with: build_retinanet's defaults are
+    torchvision's (``min_size=800, max_size=1333, score_thresh=0.05, nms_thresh=0.5, detections_per_img=300,
+    topk_candidates=1000``), the entry's ``build_kwargs`` give its layout (the v2: GroupNorm head, P6 from C5,
+    GIoU loss) and its mean / std the normalisation; ``kwargs`` override any of them (a layout override that
+    does not fit the weights fails in the load). The file is downloaded into the cache, its checksum checked and
+    read without unpickling (:func:`vertebra.hub.load_state_dict`), then loaded through the torchvision key map.
+    ``model.categories`` holds the class names by label (torchvision's 91 COCO entries, ``"N/A"`` and
+    ``"__background__"`` included, so a label is the COCO category id), ``model.pretrained_weights`` the entry.
+    ``num_classes`` other than the weights' is an error (no COCO weights exist for it).
+    """
+    from .. import hub
+    from ..weights import load_reference_weights
+
+    if not isinstance(backbone, str):
+        raise ValueError("pretrained detector weights go with a backbone name, not a Backbone instance")
+    if kwargs.get("backbone_weights") is not None:
+        raise ValueError("give either pretrained (the whole detector's weights) or backbone_weights, not both")
+    w = detector_weights(backbone, pretrained)
+    if num_classes is not None and int(num_classes) != w.num_classes:
+        raise hub.WeightsError(f"{w.network}:{w.name} has {w.num_classes} classes, not {num_classes}; the "
+                               f"RetinaNet weights that exist: {_listing(_retinanet_rows())}")
+    args = {k: v for k, v in w.build_kwargs.items() if k != "backbone"}
+    args.update(image_mean=list(w.mean), image_std=list(w.std))
+    args.update(kwargs)
+    model = build_retinanet(backbone, w.num_classes, **args)
+    load_reference_weights(model, hub.load_state_dict(w), w.source)
+    model.categories = _category_names(w)
+    model.pretrained_weights = w
+    return model

@@ -279,3 +279,54 @@ def test_weights_commands(weights_server, monkeypatch, capsys):
     assert "weights" in out
     line = next(li for li in out.splitlines() if re.search(r"\bresnet18\b", li))
     assert "timm" in line or "torchvision" in line
+
+
+# -- training from published weights ----------------------------------------------------------------------------
+
+
+def test_train_pretrained_fine_tunes_and_says_so(weights_server, monkeypatch, tmp_path):
+    """vertebra train --pretrained: the backbone starts from the weights (frozen BN, trainable stages 3, their
+    normalisation), config.json records the choice and why; without it the run says it starts from scratch;
+    the checkpoint rebuilds without downloading again."""
+    from vertebra.data import write_shapes
+    from vertebra.engine.models import load_model
+
+    w = hub.get_weights("shufflenet_v2_x0_5")
+    twin, sd = _twin_state(w.twin)
+    w = _serve(weights_server, monkeypatch, w, _file_bytes(w, sd))
+    data = tmp_path / "shapes"
+    write_shapes(data, num_train=4, num_val=2, size=64, seed=1)
+    common = ["--data", str(data), "--backbone", "shufflenet_v2_x0_5", "--size", "64", "--batch", "2",
+              "--max-steps", "1", "--no-progress", "--device", "cpu", "--threads", "1", "--detector-kw",
+              "fpn_channels=16", "--head-convs", "1", "--eval-every", "100"]
+    assert main(["train", *common, "--pretrained", "--out", str(tmp_path / "ft")]) == 0
+    cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert cfg["pretrained"] == "default" and cfg["init"]["mode"] == "fine-tune"
+    assert cfg["init"]["weights"] == w.tag and "--pretrained" in cfg["init"]["reason"]
+    model, state = load_model(tmp_path / "ft" / "last.safetensors")
+    kw = state["model"]["detector_kwargs"]
+    assert kw["image_mean"] == list(w.mean) and "frozen_bn" not in kw  # the pretrained setting: frozen BN
+    assert type(model.net.backbone.conv1.bn).__name__ != "BatchNorm2d"
+    assert len(weights_server.requests) == 1
+    # the first stages kept the weights (frozen), as loaded
+    body = vertebra.create_backbone("shufflenet_v2_x0_5", pretrained=True, features_only=True)
+    torch.testing.assert_close(model.net.backbone.state_dict()["conv1.conv.weight"],
+                               body.state_dict()["conv1.conv.weight"])
+    # without --pretrained: from scratch, and the record says the weights exist
+    assert main(["train", *common, "--out", str(tmp_path / "scratch")]) == 0
+    init = json.loads((tmp_path / "scratch" / "config.json").read_text())["init"]
+    assert init["mode"] == "from-scratch" and "--pretrained fine-tunes them" in init["reason"]
+    assert main(["train", *common, "--pretrained", "--backbone-weights", "x.pth", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_export_takes_the_weights_normalisation(weights_server, monkeypatch):
+    """Exported by name with --pretrained, the model's sidecar information is the weights' mean / std and class
+    names (torchvision's Inception-v3 expects (x - 0.5) / 0.5, not ImageNet's statistics)."""
+    from vertebra.export import load_for_export
+
+    w, _ = _resnet18_entry(weights_server, monkeypatch)
+    model, info = load_for_export("resnet18", pretrained="IMAGENET1K_V1")
+    assert info["mean"] == list(w.mean) and info["std"] == list(w.std) and "IMAGENET1K_V1" in info["source"]
+    assert len(info["categories"]) == 1000 and info["categories"][0] == "tench"
+    _, info = load_for_export("resnet18", pretrained="IMAGENET1K_V1", num_classes=10)
+    assert info["categories"] is None and info["mean"] == list(w.mean)

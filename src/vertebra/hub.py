@@ -19,7 +19,7 @@ from pathlib import Path
 
 __all__ = ["Weights", "WeightsError", "list_weights", "get_weights", "has_weights", "TABLE_PATH", "cache_dir",
            "cached_path", "is_cached", "download", "load_state_dict", "load_pretrained", "resolve", "fetch",
-           "url_path", "is_url"]
+           "url_path", "is_url", "category_names"]
 
 log = logging.getLogger("vertebra.hub")
 
@@ -110,6 +110,18 @@ def get_weights(network: str, pretrained: bool | str = True) -> Weights:
         what = "is ambiguous" if hits else "is not a tag"
         raise WeightsError(f"{pretrained!r} {what} of {network}'s weights; it has: {tags}")
     return hits[0]
+
+
+def category_names(w: Weights) -> list[str] | None:
+    """The class names of the label set of ``w``, by label (``reference/<categories>_classes.txt``: ImageNet's
+    1000, torchvision's 91 COCO labels); None for a label set without a names file (ImageNet-22k, ...)."""
+    path = TABLE_PATH.parent / f"{w.categories}_classes.txt"
+    if not path.is_file():
+        return None
+    names = path.read_text(encoding="utf-8").splitlines()
+    if len(names) != w.num_classes:
+        raise WeightsError(f"{path} has {len(names)} names, the weights {w.network}:{w.tag} {w.num_classes} classes")
+    return names
 
 
 def resolve(network: str, pretrained) -> Weights:

@@ -45,6 +45,11 @@ second pass: the trunk continues from the yielded tensor, so each BN still sees 
 forward), and every parameter is used by the classifier too. timm's ``resnetv2`` instead taps
 the raw stage sums and only normalises the last one.
 
+``stem_pool_first=True`` (not the paper's; timm ``resnetv2``'s order): the stem's max-pool runs before its
+BN-ReLU (the first pre-activation), so timm's ``resnetv2_50/101`` weights give timm's outputs exactly
+(the two orders agree only while every BN scale is positive); the stride-2 tap is then the raw stem
+convolution.
+
 Stochastic depth: ``drop_path_rate`` drops unit l of L with rate * l / L (Huang et al.'s linear
 rule); this is not part of the paper.
 
@@ -56,6 +61,8 @@ first unit after the stem's (the double BN avoided here).
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 from torch import Tensor, nn
 
@@ -90,13 +97,14 @@ class PreActResNet(Backbone):
 
     def __init__(self, block: str, layers: list[int], widths: list[int] | None = None, *, cifar: bool = False,
                  num_classes: int = 1000, in_chans: int = 3, drop_path_rate: float = 0.0, drop_rate: float = 0.0,
-                 stride_in_1x1: bool = False):
+                 stride_in_1x1: bool = False, stem_pool_first: bool = False):
         super().__init__(in_chans, num_classes)
         unit = _UNITS[block]
         widths = list(widths or ((16, 32, 64) if cifar else (64, 128, 256, 512)))
         if len(widths) != len(layers):
             raise ValueError(f"{len(layers)} stages need {len(layers)} widths, got {widths}")
         self.cifar = cifar
+        self.stem_pool_first = stem_pool_first and not cifar
         if cifar:
             self.min_input_size = 8
             in_ch = widths[0]
@@ -107,6 +115,10 @@ class PreActResNet(Backbone):
             in_ch = 64
             self.conv1 = ConvBnAct(in_chans, in_ch, 7, 2, 3)
             self.maxpool = nn.MaxPool2d(3, 2, 1)
+            if stem_pool_first:  # conv -> max-pool -> BN-ReLU (the BN is not folded across the pool)
+                self.conv1 = nn.Sequential(OrderedDict(conv=self.conv1.conv, pool=self.maxpool, bn=self.conv1.bn,
+                                                       act=self.conv1.act))
+                self.maxpool = None
             self.feature_info = [FeatureInfo("conv1", in_ch, 2)]
             stride0 = 4
         rates = iter(drop_path_rates(drop_path_rate, sum(layers)))
@@ -128,7 +140,12 @@ class PreActResNet(Backbone):
         init_weights(self)
 
     def stages(self, x: Tensor):
-        x = self.conv1(x)
+        if self.stem_pool_first:
+            x = self.conv1.conv(x)
+            yield x  # the stride-2 tap: the stem convolution's raw output (its BN-ReLU runs after the pool)
+            x = self.conv1.act(self.conv1.bn(self.conv1.pool(x)))
+        else:
+            x = self.conv1(x)
         if self.maxpool is not None:
             yield x
             x = self.maxpool(x)

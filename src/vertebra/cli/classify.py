@@ -57,12 +57,14 @@ def image_files(paths) -> list[Path]:
 def class_names(weights, num_classes: int) -> list[str]:
     """The class names of ``weights``' label set (``reference/<categories>_classes.txt``); ImageNet's for a
     1000-class model without an entry; else ``"class <i>"``."""
-    categories = getattr(weights, "categories", None) or ("imagenet" if num_classes == 1000 else None)
-    if categories is not None:
-        path = Path(__file__).resolve().parent.parent / "reference" / f"{categories}_classes.txt"
-        names = path.read_text(encoding="utf-8").splitlines()
-        if len(names) == num_classes:
+    from ..hub import TABLE_PATH, Weights, category_names
+
+    if isinstance(weights, Weights) and weights.num_classes == num_classes:
+        names = category_names(weights)
+        if names is not None:
             return names
+    elif num_classes == 1000:  # a 1000-class model without an entry: ImageNet's
+        return (TABLE_PATH.parent / "imagenet_classes.txt").read_text(encoding="utf-8").splitlines()
     return [f"class {i}" for i in range(num_classes)]
 
 

@@ -32,6 +32,9 @@ def register(subparsers) -> None:
     sp.add_argument("--out-strides", type=int, nargs="+", help="feature strides (with --features-only)")
     sp.add_argument("--num-classes", type=int, help="classes (default: the paper's; 91 for --detector)")
     sp.add_argument("--weights", help="backbone weights (vertebra, torchvision or timm state_dict)")
+    sp.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="TAG",
+                    help="the backbone's published weights (its best, or TAG; vertebra weights list NAME); the "
+                         "sidecar gets their mean / std")
     sp.add_argument("--detector", choices=["retinanet"], help="export a detector on the named backbone")
     sp.add_argument("--check", action="store_true", help="run the export against PyTorch (onnxruntime / the "
                                                          "ExportedProgram); fail above the tolerance")
@@ -104,7 +107,8 @@ def cmd_export(args) -> int:
     from ..export import load_for_export
 
     model, info = load_for_export(args.target, num_classes=args.num_classes, features_only=args.features_only,
-                                  out_strides=args.out_strides, weights=args.weights, detector=args.detector)
+                                  out_strides=args.out_strides, weights=args.weights, detector=args.detector,
+                                  pretrained=args.pretrained)
     name = getattr(model, "name", Path(args.target).stem)
     base = Path(args.out) if args.out else Path(name)
     if base.suffix in (".onnx", ".pt2"):

@@ -92,7 +92,13 @@ def _add_train_parser(subparsers) -> None:
     p.add_argument("--augment", choices=("none", "flip", "full"), default="flip")
     m = p.add_argument_group("model")
     m.add_argument("--backbone", default="resnet18")
-    m.add_argument("--backbone-weights", metavar="PATH", help="pretrained backbone weights (ours, torchvision, timm)")
+    m.add_argument("--backbone-weights", metavar="PATH", help="backbone weights: a file or URL (ours, torchvision's, "
+                                                             "timm's)")
+    m.add_argument("--pretrained", nargs="?", const="default", default=None, metavar="TAG",
+                   help="fine-tune the backbone's published weights (its best, or the set TAG names, e.g. "
+                        "timm:a1_in1k; vertebra weights list NAME): frozen BatchNorm, the first stages frozen, "
+                        "the weights' normalisation. Without it (or --backbone-weights) the backbone trains from "
+                        "scratch")
     m.add_argument("--backbone-kw", dest="backbone_kwargs", type=_kv, action="append", default=[],
                    metavar="KEY=VALUE", help="backbone argument, e.g. aux_logits=true (repeatable)")
     m.add_argument("--detector-kw", dest="detector_kwargs", type=_kv, action="append", default=[],

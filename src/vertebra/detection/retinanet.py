@@ -264,7 +264,8 @@ def build_retinanet(backbone: str | nn.Module = "resnet50", num_classes: int = 9
                     max_size: int = 1333, image_mean=None, image_std=None, score_thresh: float = 0.05,
                     nms_thresh: float = 0.5, detections_per_img: int = 300, topk_candidates: int = 1000,
                     anchor_sizes=None, aspect_ratios=None, trainable_stages: int = 3, frozen_bn: bool = True,
-                    backbone_weights=None, head_norm: str | None = None, fpn_channels: int = 256,
+                    backbone_weights=None, backbone_pretrained=None, head_norm: str | None = None,
+                    fpn_channels: int = 256,
                     p6_from: str = "p5", min_level: int = 3, max_level: int = 7, fg_iou_thresh: float = 0.5,
                     bg_iou_thresh: float = 0.4, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
                     box_loss: str = "l1", size_divisible: int = 32, backbone_kwargs: dict | None = None,
@@ -280,9 +281,10 @@ def build_retinanet(backbone: str | nn.Module = "resnet50", num_classes: int = 9
     if isinstance(backbone, str):
         from ..registry import create_backbone
 
-        bb = create_backbone(backbone, features_only=True, weights=backbone_weights, **(backbone_kwargs or {}))
+        bb = create_backbone(backbone, features_only=True, weights=backbone_weights, pretrained=backbone_pretrained,
+                             **(backbone_kwargs or {}))
     else:
-        if backbone_weights is not None:
+        if backbone_weights is not None or backbone_pretrained is not None:
             raise ValueError("backbone_weights goes with a backbone name; load weights into an instance yourself")
         bb = backbone
     levels = list(range(min_level, max_level + 1))
@@ -376,17 +378,6 @@ def detector_weights(backbone: str = "resnet50", pretrained: bool | str = "coco"
     return get_weights(network, tag or True)
 
 
-def _category_names(w) -> list[str]:
-    """The class names of an entry's label set, by label (``reference/<categories>_classes.txt``)."""
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "reference" / f"{w.categories}_classes.txt"
-    names = path.read_text(encoding="utf-8").splitlines()
-    if len(names) != w.num_classes:
-        raise ValueError(f"{path} has {len(names)} names, the weights {w.network}:{w.name} {w.num_classes} classes")
-    return names
-
-
 def pretrained_retinanet(backbone: str = "resnet50", pretrained: bool | str = "coco", num_classes: int | None = None,
                          **kwargs) -> RetinaNet:
     """A RetinaNet with published detector weights (``pretrained`` as :func:`detector_weights` reads it).
@@ -417,6 +408,6 @@ def pretrained_retinanet(backbone: str = "resnet50", pretrained: bool | str = "c
     args.update(kwargs)
     model = build_retinanet(backbone, w.num_classes, **args)
     load_reference_weights(model, hub.load_state_dict(w), w.source)
-    model.categories = _category_names(w)
+    model.categories = hub.category_names(w)
     model.pretrained_weights = w
     return model

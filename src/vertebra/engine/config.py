@@ -35,7 +35,8 @@ class TrainConfig:
     augment: str = "flip"  # "none" | "flip" | "full" (flip + colour jitter)
     # model
     backbone: str = "resnet18"
-    backbone_weights: str | None = None
+    backbone_weights: str | None = None  # a file or URL of backbone weights (ours, torchvision's, timm's)
+    pretrained: str | None = None  # published backbone weights: "default" (the network's best) or a tag
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     detector_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. head_convs, fpn_channels, head_norm
     channels_last: bool = False
@@ -120,6 +121,8 @@ class TrainConfig:
             raise ValueError(f"optimizer must be sgd, adamw or rmsprop, got {self.optimizer!r}")
         if self.schedule not in _SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(_SCHEDULES)}, got {self.schedule!r}")
+        if self.pretrained is not None and self.backbone_weights is not None:
+            raise ValueError("give --pretrained (published weights) or --backbone-weights (a file), not both")
         if self.amp not in (None, "bf16", "fp16"):
             raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {self.amp!r}")
         if self.augment not in ("none", "flip", "full"):

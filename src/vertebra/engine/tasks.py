@@ -115,6 +115,28 @@ def _plain_target(t: dict[str, Any], device: torch.device) -> dict[str, Tensor]:
             "labels": t["labels"].as_subclass(Tensor).to(device)}
 
 
+def backbone_init(cfg) -> dict[str, Any]:
+    """How the backbone starts, as ``config.json`` records it: ``mode`` "fine-tune" (published weights or a
+    weights file: frozen BatchNorm, the first stages frozen, the weights' normalisation) or "from-scratch"
+    (random init: live BatchNorm, every stage trained), the ``weights`` and the ``reason``; with published
+    weights also their ``mean`` / ``std`` and the ``build_kwargs`` they need."""
+    if cfg.pretrained is not None:
+        from ..hub import get_weights
+
+        w = get_weights(cfg.backbone, True if cfg.pretrained == "default" else cfg.pretrained)
+        return {"mode": "fine-tune", "weights": w.tag, "url": w.url, "mean": list(w.mean), "std": list(w.std),
+                "build_kwargs": dict(w.build_kwargs),
+                "reason": f"--pretrained: {cfg.backbone}'s published weights {w.tag}"
+                          f"{' (its best)' if cfg.pretrained == 'default' else ''}"}
+    if cfg.backbone_weights is not None:
+        return {"mode": "fine-tune", "weights": str(cfg.backbone_weights), "reason": "--backbone-weights given"}
+    from ..hub import has_weights
+
+    hint = (f"; {cfg.backbone} has published weights: --pretrained fine-tunes them" if has_weights(cfg.backbone)
+            else f"; {cfg.backbone} has no published weights")
+    return {"mode": "from-scratch", "weights": None, "reason": "no --pretrained or --backbone-weights" + hint}
+
+
 def default_detector_kwargs(size: int, pretrained: bool, n_stages: int | None = None) -> dict[str, Any]:
     """The engine's RetinaNet defaults at a training size: resize to ``size``; from random init train
     every stage with live BatchNorm (frozen BN is for pretrained backbones)."""
@@ -166,14 +188,19 @@ class DetectionTask(Task):
                 n_stages = len(create_backbone(cfg.backbone, features_only=True, **cfg.backbone_kwargs).feature_info)
         except Exception:  # noqa: BLE001 - the detector reports a bad backbone itself
             backbone_spec(cfg.backbone)
-        det_kw = default_detector_kwargs(size, cfg.backbone_weights is not None, n_stages)
+        init = backbone_init(cfg)
+        det_kw = default_detector_kwargs(size, init["mode"] == "fine-tune", n_stages)
+        if "mean" in init:  # recorded, so that the checkpoint rebuilds the same preprocessing without the weights
+            det_kw.update(image_mean=init["mean"], image_std=init["std"])
         det_kw.update(cfg.detector_kwargs)
         return ModelSpec(task=self.name, detector="retinanet", backbone=cfg.backbone,
                          num_classes=len(train_set.categories), categories=list(train_set.categories),
                          label_to_category_id={str(k): v for k, v in train_set.label_to_category_id.items()},
-                         detector_kwargs=det_kw, backbone_kwargs=dict(cfg.backbone_kwargs), size=size)
+                         detector_kwargs=det_kw, backbone_kwargs={**init.get("build_kwargs", {}),
+                                                                  **cfg.backbone_kwargs}, size=size)
 
-    def build_model(self, spec: ModelSpec, backbone_weights: str | None = None) -> nn.Module:
+    def build_model(self, spec: ModelSpec, backbone_weights: str | None = None,
+                    pretrained: str | None = None) -> nn.Module:
         from ..detection import create_detector
 
         kw = dict(spec.detector_kwargs or {})
@@ -181,6 +208,8 @@ class DetectionTask(Task):
             kw["backbone_kwargs"] = dict(spec.backbone_kwargs)
         if backbone_weights is not None:
             kw["backbone_weights"] = backbone_weights
+        if pretrained is not None:
+            kw["backbone_pretrained"] = True if pretrained == "default" else pretrained
         return create_detector(spec.detector or "retinanet", backbone=spec.backbone,
                                num_classes=int(spec.num_classes), **kw)
 
@@ -287,29 +316,44 @@ class ClassificationTask(Task):
 
     # data and model ----------------------------------------------------------------------------------
     @staticmethod
-    def normalization(backbone: str) -> tuple[list[float], list[float]]:
-        """The input mean / std of ``backbone``: its training set's (:attr:`BackboneSpec.mean`)."""
+    def normalization(backbone: str, pretrained: str | None = None) -> tuple[list[float], list[float]]:
+        """The input mean / std of ``backbone``: its published weights' (``pretrained``), else its training
+        set's (:attr:`BackboneSpec.mean`)."""
+        if pretrained is not None:
+            from ..hub import get_weights
+
+            w = get_weights(backbone, True if pretrained == "default" else pretrained)
+            return list(w.mean), list(w.std)
         from ..registry import backbone_spec
 
         spec = backbone_spec(backbone)
         return list(spec.mean), list(spec.std)
 
     def datasets(self, cfg, size: int):
-        mean, std = self.normalization(cfg.backbone)
+        mean, std = self.normalization(cfg.backbone, cfg.pretrained)
         train, val = open_classification(cfg.source, size, mean=mean, std=std, skip_bad=cfg.skip_bad)
         return train, val, False
 
     def model_spec(self, cfg, train_set, size: int) -> ModelSpec:
-        mean, std = self.normalization(cfg.backbone)
+        mean, std = self.normalization(cfg.backbone, cfg.pretrained)
+        init = backbone_init(cfg)
         return ModelSpec(task=self.name, backbone=cfg.backbone, num_classes=len(train_set.classes),
-                         categories=list(train_set.classes), backbone_kwargs=dict(cfg.backbone_kwargs), size=size,
+                         categories=list(train_set.classes),
+                         backbone_kwargs={**init.get("build_kwargs", {}), **cfg.backbone_kwargs}, size=size,
                          mean=mean, std=std)
 
-    def build_model(self, spec: ModelSpec, backbone_weights: str | None = None) -> nn.Module:
+    def build_model(self, spec: ModelSpec, backbone_weights: str | None = None,
+                    pretrained: str | None = None) -> nn.Module:
         from ..registry import create_backbone
 
-        return create_backbone(spec.backbone, num_classes=int(spec.num_classes), weights=backbone_weights,
-                               **dict(spec.backbone_kwargs or {}))
+        kw = dict(spec.backbone_kwargs or {})
+        if pretrained is not None:
+            from ..hub import get_weights
+
+            w = get_weights(spec.backbone, True if pretrained == "default" else pretrained)
+            kw = {k: v for k, v in kw.items() if k not in w.build_kwargs}  # create_backbone adds them
+            return create_backbone(spec.backbone, num_classes=int(spec.num_classes), pretrained=w, **kw)
+        return create_backbone(spec.backbone, num_classes=int(spec.num_classes), weights=backbone_weights, **kw)
 
     # training and evaluation -------------------------------------------------------------------------
     def criterion(self, logits: Tensor, target: Tensor) -> Tensor:

@@ -51,7 +51,7 @@ from .models import load_state
 from .optim import BatchPlan, build_optimizer, lr_factor, progressive_size, schedule_fraction
 from .records import MetricsLog, RunConsole, TrainWindow, skip_lines
 from .sampling import EpochSampler, SeededDataset, micro_batches, rank_seed, seed_everything
-from .tasks import ModelSpec, Task, task_for
+from .tasks import ModelSpec, Task, backbone_init, task_for
 
 __all__ = ["Trainer", "NonFiniteLossError", "train"]
 
@@ -110,8 +110,10 @@ class Trainer:
         self.train_set, self.val_set, self.voc = self.task.datasets(cfg, self.size)
         if len(self.train_set) == 0:
             raise ValueError("the training set is empty")
+        self.init = backbone_init(cfg)  # config.json's record of how the backbone starts
         self.model_spec: ModelSpec = self.task.model_spec(cfg, self.train_set, self.size)
-        self.model = self.task.build_model(self.model_spec, None if ck else cfg.backbone_weights).to(self.device)
+        self.model = self.task.build_model(self.model_spec, None if ck else cfg.backbone_weights,
+                                           None if ck else cfg.pretrained).to(self.device)
         if cfg.sync_bn and self.world_size > 1:
             # torch's kernel on CUDA; ours (two all-reduces per layer) on CPU, where torch's has none
             convert = nn.SyncBatchNorm.convert_sync_batchnorm if self.device.type == "cuda" else convert_sync_batchnorm
@@ -162,7 +164,8 @@ class Trainer:
             for stale in [*self.run_dir.glob(".*.tmp"), *self.run_dir.glob(".*.tmp-*")]:  # a killed write's
                 stale.unlink(missing_ok=True)
             atomic_write(self.run_dir / "config.json",
-                         json.dumps({**cfg.to_dict(), **self.plan.to_dict()}, indent=1, sort_keys=True) + "\n")
+                         json.dumps({**cfg.to_dict(), **self.plan.to_dict(), "init": self.init}, indent=1,
+                                    sort_keys=True) + "\n")
         for note in self.plan.notes:
             self.out.print(note)
 

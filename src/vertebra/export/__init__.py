@@ -97,11 +97,11 @@ def _is_checkpoint(path: Path) -> bool:
 
 def load_for_export(target: str, *, num_classes: int | None = None, features_only: bool = False,
                     out_strides=None, weights: str | None = None, detector: str | None = None,
-                    min_size: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """The model to export: a registered backbone name (optionally with ``weights``), a trained
+                    min_size: int | None = None, pretrained=None) -> tuple[nn.Module, dict[str, Any]]:
+    """The model to export: a registered backbone name (optionally with ``weights`` or ``pretrained``), a trained
     engine checkpoint (classifier or RetinaNet), or with ``detector="retinanet"`` a detector on a
     registered backbone. Returns ``(model in eval mode, info)``; info has ``source`` and, for a checkpoint,
-    the ``categories`` and the ``mean`` / ``std`` it was trained with."""
+    the ``categories`` and the ``mean`` / ``std`` it was trained with (for published weights, theirs)."""
     p = Path(target)
     if _is_checkpoint(p):
         from ..detection.retinanet import RetinaNet
@@ -122,10 +122,18 @@ def load_for_export(target: str, *, num_classes: int | None = None, features_onl
 
         kw = {} if min_size is None else {"min_size": min_size, "max_size": max(min_size, int(min_size * 1333 / 800))}
         model = create_detector(detector, backbone=target, num_classes=num_classes or 91, backbone_weights=weights,
-                                **kw)
+                                backbone_pretrained=pretrained, **kw)
         return model.eval(), {"categories": None, "source": target}
     from ..registry import create_backbone
 
     model = create_backbone(target, num_classes=num_classes, features_only=features_only, out_strides=out_strides,
-                            weights=weights)
-    return model.eval(), {"categories": None, "source": target}
+                            weights=weights, pretrained=pretrained)
+    info = {"categories": None, "source": target}
+    w = getattr(model, "pretrained_weights", None)
+    if w is not None:
+        info.update(mean=list(w.mean), std=list(w.std), source=f"{target} {w.tag}")
+        if not features_only and model.num_classes == w.num_classes:
+            from ..hub import category_names
+
+            info["categories"] = category_names(w)
+    return model.eval(), info

@@ -16,6 +16,10 @@ _TWIN_KWARGS: dict[str, dict] = {
 TWIN_BUILD_KWARGS: dict[tuple[str, str], dict] = {
     # timm's MobileNet v1 uses ReLU6, the paper ReLU
     ("mobilenet_v1", "timm:mobilenetv1_100"): {"act": "relu6"},
+    # timm's ResNetV2 max-pools before the first pre-activation, the paper after the stem's BN-ReLU (its basic
+    # resnetv2_18/34 also take the first unit's shortcut before that BN: not ours with any argument)
+    ("preact_resnet50", "timm:resnetv2_50"): {"stem_pool_first": True},
+    ("preact_resnet101", "timm:resnetv2_101"): {"stem_pool_first": True},
 }
 
 

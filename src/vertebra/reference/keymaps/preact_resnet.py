@@ -1,10 +1,13 @@
-"""timm ``resnetv2_50`` keys -> vertebra.backbones.preact_resnet (``preact_resnet50``).
+"""timm ``resnetv2_50/101`` keys -> vertebra.backbones.preact_resnet (``preact_resnet50/101``).
 
 timm's resnetv2 is the same network up to one order: its first pre-activation
 (``stages.0.blocks.0.norm1``) runs after the stem's max-pool, ours, as in the paper, before it
-(the stem's BN). BN-ReLU and a max-pool commute when every BN scale is positive, so the outputs
-agree for such weights only; the pair is therefore not among ``preact_resnet50``'s references
-(``create_backbone(weights=...)`` does not read a resnetv2 checkpoint as its own).
+(the stem's BN). Built with ``stem_pool_first=True`` ours runs timm's order and the outputs are equal
+for any weights (``reference.twins.TWIN_BUILD_KWARGS``; the published weights carry that argument).
+timm's basic-block ``resnetv2_18/34`` differ once more (the first unit's identity shortcut takes the
+pooled stem before its BN-ReLU), which no argument of ours reproduces;
+in the paper's order they agree only while every BN scale is positive, so the pairs are not among the
+networks' references (``create_backbone(weights=...)`` does not read a resnetv2 checkpoint as its own).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import re
 from . import keymap
 
 
-@keymap("timm", "preact_resnet50")
+@keymap("timm", "preact_resnet50", "preact_resnet101")
 def preact_resnet_timm(sd, model):
     out = {}
     for k, v in sd.items():

@@ -115,7 +115,7 @@ def test_compare_refused_for_detection(tmp_path, capsys):
 
 # -- the CLI's frame -----------------------------------------------------------------------
 
-COMMANDS = ["list", "info", "bench", "data", "train", "eval", "predict", "export"]
+COMMANDS = ["list", "info", "bench", "data", "train", "eval", "predict", "export", "classify", "weights"]
 
 
 def _subcommands(parser):
@@ -128,8 +128,10 @@ def _subcommands(parser):
 def test_every_subcommand_has_a_handler():
     subs = _subcommands(build_parser())
     assert set(COMMANDS) <= set(subs)
-    leaves = {n: p for n, p in subs.items() if n != "data"}
-    leaves.update({f"data {n}": p for n, p in _subcommands(subs["data"]).items()})
+    groups = ("data", "weights")  # commands with subcommands of their own
+    leaves = {n: p for n, p in subs.items() if n not in groups}
+    for g in groups:
+        leaves.update({f"{g} {n}": p for n, p in _subcommands(subs[g]).items()})
     assert "data shapes" in leaves
     for name, p in leaves.items():
         assert callable(p.get_default("handler")), name

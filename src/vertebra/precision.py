@@ -32,7 +32,8 @@ def check_dtype(dtype: torch.dtype | str | None, device: str | torch.device, fla
         raise ValueError(f"{flag}: this CPU has no bfloat16 convolutions (oneDNN needs AVX-512 BW/VL/DQ or "
                          f"AVX-NE-CONVERT); run in float32 (leave out {flag})")
     if name == "fp16" and kind != "cuda":
-        raise ValueError(f"{flag}: float16 needs a CUDA device, this run is on {kind}; on CPU use bf16")
+        raise ValueError(f"{flag}: fp16 is for CUDA (float16 needs a CUDA device), this run is on {kind}; on CPU "
+                         f"use bf16")
 
 
 def resolve_amp(amp: str | None, device: str | torch.device) -> str | None:

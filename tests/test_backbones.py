@@ -19,9 +19,7 @@ ALL = vertebra.list_backbones()
 # Twins that are our network only under a stated condition. They are not in the specs' references
 # (which ``create_backbone(weights=...)``, the CLI and the benchmarks take for the same network), but
 # their key maps exist and are tested here. Value: the arch kwargs that make ours the twin's network.
-CONDITIONAL_TWINS = {
-    **TWIN_BUILD_KWARGS,
-}
+CONDITIONAL_TWINS = TWIN_BUILD_KWARGS  # twins that need a build argument of ours
 TWIN_PAIRS = sorted({(n, r) for n in ALL for r in vertebra.backbone_spec(n).references} | set(CONDITIONAL_TWINS))
 
 

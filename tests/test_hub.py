@@ -81,7 +81,7 @@ def test_the_table_is_consistent():
     for w in rows:
         assert w.tag.split(":", 1)[0] == w.twin.split(":", 1)[0] == w.source
         assert len(w.mean) == len(w.std) == w.input_size[0] == 3 and 0 < w.crop_pct <= 1
-        assert w.interpolation in ("bilinear", "bicubic", "nearest", "bilinear"), w.interpolation
+        assert w.interpolation in ("bilinear", "bicubic", "nearest"), w.interpolation
         if w.network in detectors:
             assert find_keymap("torchvision", "retinanet_resnet50_fpn") is not None and w.categories == "coco"
             continue
@@ -107,6 +107,7 @@ def test_the_table_is_consistent():
 
 def test_lookups_and_their_errors():
     assert hub.get_weights("resnet50", "torchvision:IMAGENET1K_V2") == hub.get_weights("resnet50", "IMAGENET1K_V2")
+    assert hub.get_weights("resnet50", "DEFAULT") == hub.get_weights("resnet50", True) == hub.get_weights("resnet50")
     assert hub.get_weights("resnet50", "timm:a1_in1k").hf_hub_id == "timm/resnet50.a1_in1k"
     with pytest.raises(hub.WeightsError, match="not a tag.*torchvision:IMAGENET1K_V1"):
         hub.get_weights("resnet50", "IMAGENET1K_V9")
@@ -274,11 +275,10 @@ def test_weights_commands(weights_server, monkeypatch, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and all(word in err for word in words), err
-    assert main(["list"]) == 0
+    assert main(["list", "--family", "ResNet"]) == 0
     out = capsys.readouterr().out
-    assert "weights" in out
-    line = next(li for li in out.splitlines() if re.search(r"\bresnet18\b", li))
-    assert "timm" in line or "torchvision" in line
+    best = max(x.top1 for x in hub.list_weights("resnet18"))
+    assert "weights" in out and f"top-1 {best:.1f}" in out.replace("\n", " ")
 
 
 # -- training from published weights ----------------------------------------------------------------------------

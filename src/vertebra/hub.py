@@ -95,12 +95,12 @@ def has_weights(network: str) -> bool:
 
 
 def get_weights(network: str, pretrained: bool | str = True) -> Weights:
-    """The entry ``pretrained`` names: True for the network's default, or a tag such as
-    ``"timm:a1_in1k"`` (a tag without its source, ``"a1_in1k"``, is accepted when unambiguous)."""
+    """The entry ``pretrained`` names: True (or ``"default"``, torchvision's spelling) for the network's default,
+    or a tag such as ``"timm:a1_in1k"`` (a tag without its source, ``"a1_in1k"``, is accepted when unambiguous)."""
     rows = list_weights(network)
     if not rows:
         raise WeightsError(f"{network} has no published weights (vertebra weights list shows the networks that do)")
-    if pretrained is True:
+    if pretrained is True or (isinstance(pretrained, str) and pretrained.lower() == "default"):
         return rows[0]
     if not isinstance(pretrained, str) or not pretrained:
         raise TypeError(f"pretrained must be True or a tag such as {rows[0].tag!r}, got {pretrained!r}")
@@ -257,12 +257,6 @@ def load_state_dict(w: Weights, *, progress: bool = True) -> dict:
         raise WeightsError(f"{exc}; the file was deleted from the cache: run again to download it again") from exc
 
 
-def _backbone_names() -> set[str]:
-    from .registry import list_backbones
-
-    return set(list_backbones())
-
-
 def load_pretrained(model, w: Weights, *, template=None, progress: bool = True):
     """Load the published weights ``w`` into a vertebra network built for them (its twin's key map).
 
@@ -275,7 +269,7 @@ def load_pretrained(model, w: Weights, *, template=None, progress: bool = True):
 
     sd = load_state_dict(w, progress=progress)
     missing = None
-    if w.network in _backbone_names():
+    if w.file_name.endswith(".safetensors"):  # keys stored sorted: the by-order key maps need the twin's order
         try:
             sd = in_twin_order(sd, w.twin, w.num_classes)
         except ImportError as exc:  # timm absent: the key maps that rename keys need no order

@@ -64,22 +64,13 @@ def complete_batchnorm(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """``sd`` with a ``num_batches_tracked`` (0) beside every BatchNorm's ``running_var`` that lacks one:
     files saved before PyTorch 0.4.1 (torchvision's first ImageNet weights among them) have none, and
     torch's BatchNorm fills them in on load the same way."""
-    out = dict(sd)
-    for k in sd:
-        if k.endswith(".running_var"):
-            nbt = k[: -len("running_var")] + "num_batches_tracked"
-            if nbt not in out:
-                out[nbt] = torch.tensor(0, dtype=torch.long)
-    if len(out) == len(sd):
-        return out
-    # keep the file's order (the by-order key maps pair tensors in registration order)
-    ordered: dict[str, Tensor] = {}
-    for k, v in sd.items():
-        ordered[k] = v
-        if k.endswith(".running_var"):
-            nbt = k[: -len("running_var")] + "num_batches_tracked"
-            ordered.setdefault(nbt, out[nbt])
-    return ordered
+    out: dict[str, Tensor] = {}
+    for k, v in sd.items():  # in the file's order, each filled-in key after its running_var (as torch registers)
+        out[k] = v
+        nbt = k[: -len("running_var")] + "num_batches_tracked"
+        if k.endswith(".running_var") and nbt not in sd:
+            out[nbt] = torch.tensor(0, dtype=torch.long)
+    return out
 
 
 def _head_prefixes(model: nn.Module) -> tuple[str, ...]:

@@ -123,7 +123,7 @@ def backbone_init(cfg) -> dict[str, Any]:
     if cfg.pretrained is not None:
         from ..hub import get_weights
 
-        w = get_weights(cfg.backbone, True if cfg.pretrained == "default" else cfg.pretrained)
+        w = get_weights(cfg.backbone, cfg.pretrained)
         return {"mode": "fine-tune", "weights": w.tag, "url": w.url, "mean": list(w.mean), "std": list(w.std),
                 "build_kwargs": dict(w.build_kwargs),
                 "reason": f"--pretrained: {cfg.backbone}'s published weights {w.tag}"
@@ -209,7 +209,7 @@ class DetectionTask(Task):
         if backbone_weights is not None:
             kw["backbone_weights"] = backbone_weights
         if pretrained is not None:
-            kw["backbone_pretrained"] = True if pretrained == "default" else pretrained
+            kw["backbone_pretrained"] = pretrained
         return create_detector(spec.detector or "retinanet", backbone=spec.backbone,
                                num_classes=int(spec.num_classes), **kw)
 
@@ -322,7 +322,7 @@ class ClassificationTask(Task):
         if pretrained is not None:
             from ..hub import get_weights
 
-            w = get_weights(backbone, True if pretrained == "default" else pretrained)
+            w = get_weights(backbone, pretrained)
             return list(w.mean), list(w.std)
         from ..registry import backbone_spec
 
@@ -346,14 +346,8 @@ class ClassificationTask(Task):
                     pretrained: str | None = None) -> nn.Module:
         from ..registry import create_backbone
 
-        kw = dict(spec.backbone_kwargs or {})
-        if pretrained is not None:
-            from ..hub import get_weights
-
-            w = get_weights(spec.backbone, True if pretrained == "default" else pretrained)
-            kw = {k: v for k, v in kw.items() if k not in w.build_kwargs}  # create_backbone adds them
-            return create_backbone(spec.backbone, num_classes=int(spec.num_classes), pretrained=w, **kw)
-        return create_backbone(spec.backbone, num_classes=int(spec.num_classes), weights=backbone_weights, **kw)
+        return create_backbone(spec.backbone, num_classes=int(spec.num_classes), weights=backbone_weights,
+                               pretrained=pretrained, **dict(spec.backbone_kwargs or {}))
 
     # training and evaluation -------------------------------------------------------------------------
     def criterion(self, logits: Tensor, target: Tensor) -> Tensor:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import DataError, DetectionDataset, ImageRecord, check_box
+from .common import MAX_SIDE, DataError, DetectionDataset, ImageRecord, check_box
 
 __all__ = ["CocoDetection", "load_coco_json"]
 
@@ -54,6 +54,8 @@ def load_coco_json(path: str | os.PathLike) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{p}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}", "malformed JSON") from None
+    except (ValueError, RecursionError) as e:  # an integer of thousands of digits; nesting deeper than Python's stack
+        raise DataError(f"{p}: unreadable JSON ({type(e).__name__}: {e})", "malformed JSON") from None
     if not isinstance(data, dict):
         raise DataError(f"{p}: top level must be an object with 'images', 'annotations', 'categories', "
                         f"got {type(data).__name__}", "malformed JSON")
@@ -149,9 +151,9 @@ class CocoDetection(DetectionDataset):
                                     "bad image entry")
                 w, h = im.get("width"), im.get("height")
                 for key, v in (("width", w), ("height", h)):
-                    if not _is_num(v) or v <= 0 or v != int(v):
-                        raise DataError(f"{f}: image id {iid} ({fn}): '{key}' must be a positive integer, got {v!r}",
-                                        "bad image entry")
+                    if not _is_num(v) or not 0 < v <= MAX_SIDE or v != int(v):
+                        raise DataError(f"{f}: image id {iid} ({fn}): '{key}' must be an integer in [1, {MAX_SIDE}], "
+                                        f"got {v!r}", "bad image entry")
             except DataError as e:
                 self._bad(e)
                 if isinstance(im, dict):
@@ -180,7 +182,10 @@ class CocoDetection(DetectionDataset):
         bbox = a.get("bbox")
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_num(v) for v in bbox):
             raise DataError(f"{where}: bbox must be [x, y, width, height] numbers, got {bbox!r}", "bad bbox")
-        x, y, w, h = (float(v) for v in bbox)
+        try:
+            x, y, w, h = (float(v) for v in bbox)
+        except OverflowError:  # an integer beyond float range
+            x = y = w = h = math.inf
         if not all(math.isfinite(v) for v in (x, y, w, h)):
             raise DataError(f"{where}: bbox {bbox} has a non-finite value", "non-finite box")
         if w < 0:
@@ -235,12 +240,15 @@ class CocoDetection(DetectionDataset):
         try:
             xywh = np.array(bbs, dtype=np.float64).reshape(n, 4)
             numeric = np.array([type(v) in (int, float) for b in bbs for v in b]).reshape(n, 4).all(1)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):
             xywh = np.zeros((n, 4), dtype=np.float64)
             numeric = np.zeros(n, dtype=bool)
             for k, b in enumerate(bbs):
                 if all(_is_num(v) for v in b):
-                    xywh[k] = b
+                    try:
+                        xywh[k] = b
+                    except OverflowError:  # the scalar check words it
+                        continue
                     numeric[k] = True
         pos_a = np.asarray(pos, dtype=np.int64)
         W = np.array([r.width for r in recs], dtype=np.float64)[pos_a]
@@ -257,6 +265,12 @@ class CocoDetection(DetectionDataset):
             self.ignored_crowd += int((ok & crowd_a).sum())
             ok &= ~crowd_a
         boxes = np.stack([np.maximum(x1, 0), np.maximum(y1, 0), np.minimum(x2, W), np.minimum(y2, H)], 1)
+        with np.errstate(invalid="ignore", over="ignore"):
+            b32 = boxes.astype(np.float32)  # as the targets hold them: a box with no area there is refused
+            flat = ok & ~((b32[:, 2] > b32[:, 0]) & (b32[:, 3] > b32[:, 1]))
+        for k in np.flatnonzero(flat):
+            self._reject(idx[k], anns[idx[k]], images)
+        ok &= ~flat
         self.log.clipped += int(((boxes != np.stack([x1, y1, x2, y2], 1)).any(1) & ok).sum())
         keep = np.flatnonzero(ok)
         keep = keep[np.argsort(pos_a[keep], kind="stable")]  # by image, file order within an image

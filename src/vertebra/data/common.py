@@ -21,6 +21,7 @@ import io
 import logging
 import math
 import os
+import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -45,12 +46,19 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 
 # Individual skip warnings logged per dataset before they are only counted (the summary line has them all).
 MAX_SKIP_WARNINGS = 20
+#: the largest image side an annotation may state (larger is a corrupt entry, and beyond float precision for boxes)
+MAX_SIDE = 1 << 20
+#: the most pixels an image may declare: PIL's decompression-bomb limit, applied before any decoder allocates
+MAX_PIXELS = 2 * 89_478_485
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 __all__ = [
     "DataError",
     "ImageError",
     "MissingImageError",
     "IMAGE_EXTENSIONS",
+    "MAX_SIDE",
+    "MAX_PIXELS",
     "read_image",
     "image_size",
     "collate_detection",
@@ -89,10 +97,27 @@ class MissingImageError(ImageError, FileNotFoundError):
 
 def _short(err: BaseException) -> str:
     msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    # torchvision prefixes its C++ errors with "decode_jpeg, /path/file.cpp:171, <message>"
+    # torchvision prefixes its C++ errors with "decode_jpeg, /path/file.cpp:171, <message>"; torch's own with
+    # "[enforce fail at alloc_cpu.cpp:117] <message>"
     if ".cpp:" in msg:
-        msg = msg.rsplit(", ", 1)[-1]
+        msg = re.split(r"\.cpp:\d+\]?,?\s*", msg)[-1].strip() or msg
     return msg
+
+
+def _declared_pixels(data: bytes) -> int | None:
+    """The pixel count the image's header declares (PIL, no decode): None where PIL cannot read the header, more
+    than :data:`MAX_PIXELS` for a header PIL itself refuses as a decompression bomb."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's DecompressionBombWarning: MAX_PIXELS is the limit here
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size[0] * im.size[1]
+    except Image.DecompressionBombError:
+        return MAX_PIXELS + 1
+    except Exception:  # noqa: BLE001 - a header PIL cannot read: the decoders say why
+        return None
 
 
 def _to_float_rgb(t: torch.Tensor) -> torch.Tensor:
@@ -170,10 +195,17 @@ def read_image(path: str | os.PathLike, *, exif: bool = False, context: str = ""
         raise ImageError(f"{p}: is a directory, not an image file{ctx}", "unreadable image") from None
     except OSError as e:
         raise ImageError(f"{p}: cannot read image file ({e.strerror or e}){ctx}", "unreadable image") from None
+    except (ValueError, UnicodeError) as e:  # a NUL byte or an unencodable character in the name
+        raise ImageError(f"{str(p)!r}: not a usable file name ({e}){ctx}", "unreadable image") from None
     if not data:
         raise ImageError(f"{p}: image file is empty (0 bytes){ctx}")
+    pixels = _declared_pixels(data)
+    if pixels is not None and pixels > MAX_PIXELS:
+        raise ImageError(f"{p}: its header declares more than {MAX_PIXELS} pixels (a corrupt or hostile file){ctx}",
+                         "image too large")
     tv_err: BaseException | None = None
-    if _decode_image is not None:
+    # PNG goes to PIL: torchvision's decode_png (libpng) can crash the process on a corrupt file
+    if _decode_image is not None and not data.startswith(_PNG_SIGNATURE):
         try:
             with warnings.catch_warnings():
                 # torchvision 0.29 deprecates its decoders in favour of TorchCodec; they are still the fast path
@@ -297,6 +329,10 @@ def check_box(
             "box outside image",
         )
     cx1, cy1, cx2, cy2 = max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height))
+    f1, g1, f2, g2 = np.array([cx1, cy1, cx2, cy2], dtype=np.float64).astype(np.float32).tolist()
+    if not (f2 > f1 and g2 > g1):  # as the float32 boxes of the targets: a detector refuses zero-area boxes
+        raise DataError(f"{where}: box {[round(v, 3) for v in vals]} has no area in float32 pixels (width "
+                        f"{cx2 - cx1:.3g}, height {cy2 - cy1:.3g} after clipping)", "zero-area box")
     clipped = (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2)
     return (cx1, cy1, cx2, cy2), clipped
 
@@ -368,6 +404,16 @@ class DetectionDataset(SkippingDataset):
     @property
     def num_classes(self) -> int:
         return len(self.categories)
+
+    def counts(self) -> dict[str, Any]:
+        """What the annotations gave, after validation: images, boxes, classes, images without a box (kept), boxes
+        clipped to their image, annotations skipped by reason (``skip_bad``; boxes inverted or empty, unknown
+        ids ...), crowd boxes left out. The images themselves are checked when loaded (``skipped`` grows then)."""
+        return {"images": len(self.records), "boxes": int(sum(len(r.labels) for r in self.records)),
+                "classes": self.num_classes,
+                "images_without_boxes": int(sum(1 for r in self.records if not len(r.labels))),
+                "clipped_boxes": int(self.clipped), "skipped": dict(self.skipped),
+                "ignored_crowd": int(getattr(self, "ignored_crowd", 0))}
 
     def summary(self) -> str:
         n_ann = sum(len(r.labels) for r in self.records)

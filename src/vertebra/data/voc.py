@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import DataError, DetectionDataset, ImageError, ImageRecord, check_box, image_size
+from .common import MAX_SIDE, DataError, DetectionDataset, ImageError, ImageRecord, check_box, image_size
 
 __all__ = ["VOCDetection", "VOC_CLASSES", "parse_voc_xml"]
 
@@ -76,6 +76,10 @@ def parse_voc_xml(path: str | os.PathLike) -> dict:
         raise DataError(f"{p}: malformed XML: {e}", "malformed XML") from None
     except DefusedXmlException as e:
         raise DataError(f"{p}: refused XML ({type(e).__name__}: {e})", "malformed XML") from None
+    except (LookupError, ValueError, RecursionError) as e:  # an unknown encoding declaration, nesting too deep
+        raise DataError(f"{p}: malformed XML: {type(e).__name__}: {e}", "malformed XML") from None
+    except OSError as e:
+        raise DataError(f"{p}: cannot read annotation file ({e.strerror or e})", "missing annotation") from None
     if root.tag != "annotation":
         raise DataError(f"{p}: root element is <{root.tag}>, expected <annotation>", "malformed XML")
     out: dict = {"filename": _text(root, "filename", str(p), required=False), "width": None, "height": None}
@@ -85,7 +89,9 @@ def parse_voc_xml(path: str | os.PathLike) -> dict:
         h = _text(size, "height", f"{p}: <size>", required=False)
         try:
             wi, hi = int(float(w)) if w else 0, int(float(h)) if h else 0
-        except ValueError:
+            if max(wi, hi) > MAX_SIDE:
+                raise ValueError
+        except (ValueError, OverflowError):  # not a number, nan, inf
             raise DataError(f"{p}: <size> width/height must be integers, got {w!r}, {h!r}", "malformed XML") from None
         if wi > 0 and hi > 0:
             out["width"], out["height"] = wi, hi
@@ -177,7 +183,13 @@ class VOCDetection(DetectionDataset):
             self._bad(e)
             return None
         path = self.root / "JPEGImages" / (ann["filename"] or f"{name}.jpg")
-        if not path.is_file() and (self.root / "JPEGImages" / f"{name}.jpg").is_file():
+        try:
+            exists = path.is_file()
+        except (OSError, ValueError) as e:  # a <filename> too long, or with a NUL byte
+            self._bad(DataError(f"{xml}: <filename> {ann['filename']!r} is not a usable file name ({e})",
+                                "malformed XML"))
+            return None
+        if not exists and (self.root / "JPEGImages" / f"{name}.jpg").is_file():
             path = self.root / "JPEGImages" / f"{name}.jpg"
         w, h = ann["width"], ann["height"]
         if w is None:  # a few VOC files have <size> 0: read the image header

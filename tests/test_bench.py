@@ -44,7 +44,10 @@ def test_bad_config(kw, msg):
 
 
 def run_cli(args, capsys):
-    code = main(["bench", *args])
+    try:
+        code = main(["bench", *args])
+    except SystemExit as e:  # a usage error
+        code = e.code
     return code, capsys.readouterr()
 
 
@@ -98,7 +101,7 @@ def test_failing_network_is_reported_and_run_goes_on(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, msg", [
     (["resnet51"], "closest"),
-    (["resnet18", "--input", "16"], "below the minimum input"),
+    (["resnet18", "--input", "16"], "resnet18 needs inputs of at least 32 px"),
     (["resnet18", "--dtype", "fp16"], "fp16 is for CUDA"),
 ])
 def test_bad_input_exits_nonzero(args, msg, capsys, tmp_path):

@@ -7,12 +7,13 @@ import contextlib
 import io
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from vertebra.cli.train import register
+from vertebra.cli import main
 from vertebra.data import CocoDetection, write_shapes
 from vertebra.data.sources import DataSource
 from vertebra.data.transforms import detection_transforms
@@ -273,18 +274,20 @@ def test_bf16_refused_where_the_cpu_has_none(shapes, trained, tmp_path, monkeypa
              "--device", "cpu", "--bf16"],
             ["train", "--data", str(shapes), "--backbone", BACKBONE, "--size", str(SIZE), "--epochs", "1",
              "--device", "cpu", "--amp", "bf16", "--out", str(tmp_path / "run"), "--no-progress"]]
-    for argv, flag in zip(runs, ["--bf16", "--amp bf16"]):
+    for argv, flag in zip(runs, ["--bf16", "--amp"]):
         assert _cli(argv) == 2
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and flag in err and "bfloat16" in err, err
+        err = capsys.readouterr().err.strip().splitlines()
+        # argparse's usage, then one line naming the flag
+        assert f"error: argument {flag}:" in err[-1] and "bfloat16" in err[-1], err
     assert not (tmp_path / "p").exists()
 
 
 def _cli(argv):
-    p = argparse.ArgumentParser(prog="vertebra")
-    register(p.add_subparsers(dest="cmd"))
-    args = p.parse_args(argv)
-    return args.handler(args)
+    """``vertebra ARGV``'s exit code (a usage error's too)."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
 
 
 def test_predict_and_eval_commands(shapes, trained, tmp_path):
@@ -316,6 +319,77 @@ def test_predict_and_eval_commands(shapes, trained, tmp_path):
     assert {"AP_agnostic", "AP50_agnostic", "AP50/circle", "AP/hexagon"} <= set(m)
 
 
+def test_predict_skips_and_counts_what_is_not_an_image(shapes, trained, tmp_path, capsys):
+    """A folder with a text file and a corrupt JPEG: the good images are written, the rest counted."""
+    import shutil
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("000000.jpg", "000001.jpg"):
+        shutil.copy(shapes / "val" / name, folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.jpg").write_bytes((shapes / "val" / "000002.jpg").read_bytes()[:200])
+    png = folder / "000000.png"  # the same stem as a JPEG: both pictures are kept
+    shutil.copy(shapes / "val" / "000003.jpg", png)
+    out = tmp_path / "pred"
+    assert _cli(["predict", str(folder), "--checkpoint", str(trained / "last.safetensors"), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    res = json.loads((out / "predictions.json").read_text())
+    assert sorted(Path(r["image"]).name for r in res) == ["000000.jpg", "000000.png", "000001.jpg"]
+    assert sorted(p.name for p in out.glob("*.jpg")) == ["000000-2.jpg", "000000.jpg", "000001.jpg"]
+    io_ = capsys.readouterr()
+    text = " ".join((io_.out + io_.err).split())
+    assert "skipped 1 of 4 images (corrupt image: 1)" in text and "broken.jpg" in text
+    assert "left out 1 file(s) of the folders that are not images (notes.txt)" in text
+    # nothing readable: exit 2
+    assert _cli(["predict", str(folder / "broken.jpg"), "--checkpoint", str(trained / "last.safetensors"),
+                 "--out", str(tmp_path / "none"), "--device", "cpu"]) == 2
+
+
+def test_data_counts_printed_and_in_config(shapes, tmp_path, capsys):
+    """Boxes clipped to the image, annotations dropped (with --skip-bad), images without boxes: one line per split
+    when the data loads, and config.json's "data"."""
+    ann = json.loads((shapes / "annotations" / "instances_train.json").read_text())
+    img = ann["images"][0]
+    extra = [dict(id=9001, image_id=img["id"], category_id=ann["categories"][0]["id"], bbox=b, iscrowd=0, area=1)
+             for b in ([-5, -5, 20, 20], [img["width"] - 10, 3, 30, 10],  # partly outside: clipped
+                       [3, 3, -4, 5], [3, 3, 0, 5], [img["width"] + 1, 2, 5, 5])]  # negative, zero, outside
+    for k, e in enumerate(extra):
+        e["id"] += k
+    ann["annotations"] += extra
+    ann["images"].append(dict(img, id=999, file_name=img["file_name"]))  # a second entry, no annotations
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(ann))
+    n_boxes = len(ann["annotations"]) - 3
+    empty = sum(1 for im in ann["images"] if not any(a["image_id"] == im["id"] for a in ann["annotations"]))
+    rc = _cli(["train", "--coco", str(path), "--images", str(shapes / "train"), "--skip-bad", "--backbone", BACKBONE,
+               "--size", str(SIZE), "--batch", "4", "--max-steps", "1", "--out", str(tmp_path / "run"),
+               "--no-progress", "--detector-kw", "fpn_channels=32", "--head-convs", "1", "--device", "cpu",
+               "--threads", "1"])
+    assert rc == 0
+    counts = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
+    assert set(counts) == {"train"}
+    assert counts["train"] == {"images": len(ann["images"]), "boxes": n_boxes, "classes": len(ann["categories"]),
+                               "images_without_boxes": empty, "clipped_boxes": 2, "ignored_crowd": 0,
+                               "skipped": {"negative box size": 1, "zero-area box": 1, "box outside image": 1}}
+    out = " ".join(capsys.readouterr().out.split())
+    assert (f"train: {len(ann['images'])} images ({empty} without boxes, kept), {n_boxes} boxes of 6 classes; "
+            "clipped 2 boxes to their image; skipped 3 (box outside image: 1, negative box size: 1, zero-area "
+            "box: 1)") in out, out
+    assert "no validation set: the run is not evaluated" in out
+
+
+def test_an_error_message_keeps_its_brackets(shapes, tmp_path, capsys):
+    """Rich markup is never read in a message: the bbox error says what a bbox must be."""
+    ann = json.loads((shapes / "annotations" / "instances_val.json").read_text())
+    ann["annotations"][0]["bbox"] = [1, 2, 3]
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(ann))
+    assert _cli(["train", "--coco", str(path), "--images", str(shapes / "val"), "--device", "cpu"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "bbox must be [x, y, width, height] numbers, got [1, 2, 3]" in err, err
+
+
 def test_train_command_runs(shapes, tmp_path):
     rc = _cli(["train", "--data", str(shapes), "--backbone", BACKBONE, "--size", str(SIZE), "--batch", "4",
                "--epochs", "1", "--max-steps", "2", "--out", str(tmp_path / "cli"), "--no-progress",
@@ -324,7 +398,7 @@ def test_train_command_runs(shapes, tmp_path):
     assert load_checkpoint(tmp_path / "cli" / "last.safetensors").state["step"] == 2
 
 
-def test_bad_checkpoints_name_the_file(tmp_path, trained):
+def test_bad_checkpoints_name_the_file(tmp_path, trained, capsys):
     missing = tmp_path / "nope.safetensors"
     with pytest.raises(CheckpointError, match="nope.safetensors: checkpoint not found"):
         load_model(missing)
@@ -354,6 +428,9 @@ def test_bad_checkpoints_name_the_file(tmp_path, trained):
     with pytest.raises(CheckpointError, match="other.safetensors: the weights do not fit"):
         load_model(other, ema=False)
     assert _cli(["eval", "--checkpoint", str(missing), "--device", "cpu"]) == 2
+    # a size the checkpoint's backbone cannot take, before any data is read
+    assert _cli(["eval", "--checkpoint", str(trained / "last.safetensors"), "--size", "16", "--device", "cpu"]) == 2
+    assert f"{BACKBONE} needs inputs of at least 32 px" in capsys.readouterr().err
 
 
 def test_lr_schedule_shapes():
@@ -507,10 +584,10 @@ def test_progressive_resizing_classification(tmp_path):
 
 
 def test_train_command_parses_progressive_and_time_schedule():
+    from vertebra.cli import build_parser
     from vertebra.cli.train import config_from_args
 
-    p = argparse.ArgumentParser(prog="vertebra")
-    register(p.add_subparsers(dest="cmd"))
+    p = build_parser()
     args = p.parse_args(["train", "--max-minutes", "15", "--schedule-on-time", "--progressive", "128:0.6,192:0.8",
                          "--device", "cpu"])
     cfg = config_from_args(args)

@@ -262,10 +262,9 @@ def test_optimized_model_in_bfloat16(name):
 
 # -- the command -----------------------------------------------------------------------------------------------------
 def _cli(*args):
-    from vertebra.cli import build_parser
+    from vertebra.cli import main
 
-    a = build_parser().parse_args(["export", *args])
-    return a.handler(a)
+    return main(["export", *args])
 
 
 def test_cli_export_backbone_check(tmp_path, capsys):

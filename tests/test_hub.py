@@ -316,7 +316,11 @@ def test_train_pretrained_fine_tunes_and_says_so(weights_server, monkeypatch, tm
     assert main(["train", *common, "--out", str(tmp_path / "scratch")]) == 0
     init = json.loads((tmp_path / "scratch" / "config.json").read_text())["init"]
     assert init["mode"] == "from-scratch" and "--pretrained fine-tunes them" in init["reason"]
-    assert main(["train", *common, "--pretrained", "--backbone-weights", "x.pth", "--out", str(tmp_path / "x")]) == 2
+    (tmp_path / "x.pth").write_bytes(b"")
+    with pytest.raises(SystemExit) as e:  # argparse's usage error, before anything is built
+        main(["train", *common, "--pretrained", "--backbone-weights", str(tmp_path / "x.pth"), "--out",
+              str(tmp_path / "x")])
+    assert e.value.code == 2 and not (tmp_path / "x").exists()
 
 
 def test_export_takes_the_weights_normalisation(weights_server, monkeypatch):

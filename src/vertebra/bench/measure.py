@@ -175,9 +175,9 @@ def check_config(cfg: BenchConfig) -> None:
     """Fail early, and clearly, on a device or dtype this machine cannot run."""
     if cfg.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {cfg.dtype!r}: choose one of {', '.join(DTYPES)}")
-    dev = torch.device(cfg.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {cfg.device!r} is not available: torch sees no CUDA GPU on this machine")
+    from ..devices import check_device
+
+    dev = check_device(cfg.device)
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device {cfg.device!r} is not supported: use cpu or cuda[:N]")
     precision.check_dtype(None if cfg.dtype == "fp32" else cfg.dtype, dev, flag=f"--dtype {cfg.dtype}")

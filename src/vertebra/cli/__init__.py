@@ -2,7 +2,9 @@
 
 ``cli.bench`` (list, info, bench), ``cli.data`` (data shapes), ``cli.train`` (train, eval, predict),
 ``cli.export`` (export), ``cli.classify`` (classify), ``cli.weights`` (weights). Every subcommand sets
-``handler``: a callable ``(args) -> exit code``.
+``handler``: a callable ``(args) -> exit code``, and may set ``_check``: a callable ``(args)`` that raises
+:class:`~._args.UsageError` for flags that do not fit together, reported as argparse's usage error before the
+handler runs. Every flag's value is typed and bounded where it is parsed (:mod:`._args`).
 """
 
 from __future__ import annotations
@@ -10,10 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rich.markup import escape
-
 from . import bench, classify, data, export, train, weights
-from ._console import console, err_console
+from ._args import UsageError
+from ._console import console, err_console, print_error
 
 __all__ = ["build_parser", "main", "console", "err_console"]
 
@@ -31,12 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check = getattr(args, "_check", None)
+    if check is not None:
+        try:
+            check(args)
+        except UsageError as e:  # the sub-command's own usage line, as argparse words a bad value
+            getattr(args, "_parser", parser).error(f"argument {e.flag}: {e}")
     try:
         return int(args.handler(args) or 0)
     except (KeyError, ValueError, FileNotFoundError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        err_console.print(f"[bold red]error:[/] {escape(str(msg))}")
+        print_error(msg)
         return 2
     except KeyboardInterrupt:
         err_console.print("interrupted")

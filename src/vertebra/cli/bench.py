@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from . import _args as A
 from ._console import console, err_console
 
 __all__ = ["register", "cmd_list", "cmd_info", "cmd_bench"]
@@ -92,6 +93,21 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_info(args: argparse.Namespace) -> None:
+    A.check_size_for(args.name, {"--input": args.input})
+
+
+def check_bench(args: argparse.Namespace) -> None:
+    from ..precision import check_dtype
+
+    try:
+        check_dtype(None if args.dtype == "fp32" else args.dtype, args.device, flag=f"--dtype {args.dtype}")
+    except ValueError as e:
+        raise A.UsageError("--dtype", str(e).split(": ", 1)[-1]) from None
+    for name in args.names:
+        A.check_size_for(name, {"--input": args.input})
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
@@ -103,7 +119,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ..bench.runner import default_out_dir, plan_bench, run_bench
 
     device = args.device
-    cfg = BenchConfig(input=args.input, batch=args.batch or (8 if device.startswith("cuda") else 4), device=device,
+    batch = args.batch if args.batch is not None else 8 if device.startswith("cuda") else 4
+    cfg = BenchConfig(input=args.input, batch=batch, device=device,
                       dtype=args.dtype, channels_last=args.channels_last, compile=args.compile, task=args.task,
                       det_size=args.det_size, eager=args.eager, train=not args.no_train, runs=args.runs)
     plan = plan_bench(args.names, cfg, family=args.family, compare=args.compare)
@@ -141,6 +158,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0 if any(r["status"] == "ok" for r in run.rows) else 1
 
 
+integer_at_least_32 = A.integer(32)
+
+
 def register(subparsers) -> None:
     """Add ``list``, ``info`` and ``bench``."""
     from ..bench.runner import MODES
@@ -150,27 +170,29 @@ def register(subparsers) -> None:
     sp.set_defaults(handler=cmd_list)
 
     sp = subparsers.add_parser("info", help="one network: its spec, size, compute and feature_info")
-    sp.add_argument("name")
-    sp.add_argument("--input", type=int, help="square input size (default: the paper's)")
-    sp.set_defaults(handler=cmd_info)
+    sp.add_argument("name", help="a registered network (vertebra list)")
+    sp.add_argument("--input", type=A.SIZE, help="square input size (default: the paper's)")
+    sp.set_defaults(handler=cmd_info, _check=check_info, _parser=sp)
 
     sp = subparsers.add_parser("bench", help="measure backbones side by side: table, CSV/JSON, plots, HTML report")
     sp.add_argument("names", nargs="*", help="networks (default: one headline variant of each survey network)")
     sp.add_argument("--family", help="every network of one family")
-    sp.add_argument("--input", type=int, help="square input size (default: each network's paper input)")
-    sp.add_argument("--batch", type=int, help="batch for throughput and the training step (default 4 CPU, 8 CUDA)")
-    sp.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    sp.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    sp.add_argument("--input", type=A.SIZE, help="square input size (default: each network's paper input)")
+    sp.add_argument("--batch", type=A.POSITIVE_INT,
+                    help="batch for throughput and the training step (default 4 CPU, 8 CUDA)")
+    sp.add_argument("--device", type=A.device, default="cpu", help="cpu or cuda[:N] (default cpu)")
+    sp.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="default fp32")
     sp.add_argument("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction, default=True,
                     help="channels_last memory format (default on)")
     sp.add_argument("--compile", action="store_true", help="torch.compile each model")
     sp.add_argument("--task", default="cls", choices=list(MODES), help="cls: the backbone; det: inside RetinaNet")
-    sp.add_argument("--det-size", type=int, default=512, help="detection input size (--task det)")
+    sp.add_argument("--det-size", type=integer_at_least_32, default=512, help="detection input size (--task det)")
     sp.add_argument("--compare", action="store_true", help="also measure the torchvision/timm twins, with a ratio")
     sp.add_argument("--eager", action="store_true", help="vertebra without its inference path (no BN folding)")
     sp.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
-    sp.add_argument("--runs", type=int, default=3, help="timed runs per measurement (after warm-up)")
-    sp.add_argument("--threads", type=int, help="torch threads in each measuring process")
-    sp.add_argument("--timeout", type=float, default=900, help="seconds before one network's measurement is abandoned")
+    sp.add_argument("--runs", type=A.POSITIVE_INT, default=3, help="timed runs per measurement (after warm-up)")
+    sp.add_argument("--threads", type=A.POSITIVE_INT, help="torch threads in each measuring process")
+    sp.add_argument("--timeout", type=A.POSITIVE, default=900,
+                    help="seconds before one network's measurement is abandoned (default 900)")
     sp.add_argument("--out", help="output folder (default reports/bench-DATE-TIME)")
-    sp.set_defaults(handler=cmd_bench)
+    sp.set_defaults(handler=cmd_bench, _check=check_bench, _parser=sp)

@@ -12,9 +12,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from ._console import console, err_console
+from . import _args as A
+from ._console import console, print_error
 
-__all__ = ["register", "cmd_classify", "classify_images", "image_files"]
+__all__ = ["register", "cmd_classify", "classify_images", "find_images", "image_files"]
 
 EXIT_ERROR = 2
 
@@ -28,30 +29,40 @@ def register(subparsers) -> None:
     p.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="TAG",
                    help="published weights (the default without --weights): the network's best, or the set TAG "
                         "names, e.g. timm:a1_in1k (vertebra weights list NAME shows them)")
-    p.add_argument("--weights", metavar="PATH", help="a checkpoint or torchvision/timm state_dict file instead; "
-                                                     "preprocessed as the network's published weights (if any)")
-    p.add_argument("--topk", type=int, default=5, metavar="K", help="classes per image (default 5)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--weights", metavar="PATH", type=A.file_or_url,
+                   help="a checkpoint or torchvision/timm state_dict file instead; "
+                        "preprocessed as the network's published weights (if any)")
+    p.add_argument("--topk", type=A.POSITIVE_INT, default=5, metavar="K", help="classes per image (default 5)")
+    p.add_argument("--device", type=A.device, default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.set_defaults(handler=cmd_classify)
 
 
-def image_files(paths) -> list[Path]:
-    """The image files ``paths`` name: a file as it is, a folder as its image files (by extension, sorted).
-    A path that does not exist raises :class:`vertebra.data.MissingImageError`."""
+def find_images(paths) -> tuple[list[Path], list[Path]]:
+    """(image files, other files) of ``paths``: a file is taken as it is (it may still fail to decode), a folder
+    gives its image files by extension, sorted, and the files it holds that are not images. A path that does not
+    exist, or a folder with no image at all, raises :class:`vertebra.data.MissingImageError`."""
     from ..data import IMAGE_EXTENSIONS, MissingImageError
 
     out: list[Path] = []
+    other: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            files = sorted(f for f in p.iterdir() if f.is_file())
+            found = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
             if not found:
                 raise MissingImageError(f"{p}: a folder with no image files ({', '.join(IMAGE_EXTENSIONS)})")
             out.extend(found)
+            other.extend(f for f in files if f.suffix.lower() not in IMAGE_EXTENSIONS)
         elif p.is_file():
             out.append(p)
         else:
             raise MissingImageError(f"{p}: image file not found")
-    return out
+    return out, other
+
+
+def image_files(paths) -> list[Path]:
+    """The image files ``paths`` name (:func:`find_images` without the other files)."""
+    return find_images(paths)[0]
 
 
 def class_names(weights, num_classes: int) -> list[str]:
@@ -107,8 +118,6 @@ def classify_images(model, weights, paths, *, topk: int = 5, device: str = "cpu"
 
 
 def cmd_classify(args) -> int:
-    from rich.markup import escape
-
     from .. import hub
     from ..data import DataError
     from ..inference import optimize_for_inference
@@ -117,8 +126,6 @@ def cmd_classify(args) -> int:
 
     device = _device(args.device)
     try:
-        if args.topk < 1:
-            raise ValueError(f"--topk must be >= 1, got {args.topk}")
         if args.weights is not None and args.pretrained is not None:
             raise ValueError("give --pretrained or --weights, not both")
         paths = image_files(args.images)
@@ -133,8 +140,7 @@ def cmd_classify(args) -> int:
         results = classify_images(model, weights, paths, topk=args.topk, device=device)
     except (DataError, hub.WeightsError, FileNotFoundError, ValueError, KeyError) as e:
         # KeyError: an unknown network, the registry's message
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        err_console.print(f"[red]error:[/] {escape(str(msg))}", highlight=False, soft_wrap=True)
+        print_error(e.args[0] if isinstance(e, KeyError) and e.args else e)
         return EXIT_ERROR
     source = getattr(weights, "tag", None) or args.weights or "its input normalisation"
     plain = dict(highlight=False, markup=False, soft_wrap=True)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from rich.markup import escape
-
-from ._console import console, err_console
+from . import _args as A
+from ._console import console, print_error
 
 __all__ = ["register", "cmd_shapes"]
 
@@ -19,7 +18,7 @@ def cmd_shapes(args: argparse.Namespace) -> int:
     try:
         out = write_shapes(args.out, args.train, args.val, args.size, args.seed, overwrite=args.overwrite)
     except FileExistsError as e:
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        print_error(e)
         return 2
     console.print(f"wrote {args.train} train + {args.val} val images ({args.size} px, seed {args.seed}) to {out} "
                   f"in {time.perf_counter() - t0:.1f} s", markup=False, highlight=False)
@@ -37,10 +36,12 @@ def register(subparsers) -> None:
                        description=(shapes.__doc__ or "").split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder (must not exist, be empty, or be a shapes set "
                                                 "with --overwrite)")
-    p.add_argument("--train", type=int, default=DEFAULT_NUM_TRAIN,
+    p.add_argument("--train", type=A.POSITIVE_INT, default=DEFAULT_NUM_TRAIN,
                    help=f"training images (default {DEFAULT_NUM_TRAIN})")
-    p.add_argument("--val", type=int, default=DEFAULT_NUM_VAL, help=f"validation images (default {DEFAULT_NUM_VAL})")
-    p.add_argument("--size", type=int, default=DEFAULT_SIZE, help=f"image side in px (default {DEFAULT_SIZE})")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--val", type=A.COUNT, default=DEFAULT_NUM_VAL,
+                   help=f"validation images (default {DEFAULT_NUM_VAL})")
+    p.add_argument("--size", type=A.integer(32), default=DEFAULT_SIZE,
+                   help=f"image side in px (default {DEFAULT_SIZE})")
+    p.add_argument("--seed", type=A.SEED, default=0, help="random seed (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing shapes set in --out")
     p.set_defaults(handler=cmd_shapes)

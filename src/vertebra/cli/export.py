@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ..export.backbone import DEFAULT_OPSET
+from . import _args as A
 
 __all__ = ["register", "cmd_export"]
 
@@ -21,27 +22,35 @@ def register(subparsers) -> None:
                     "RetinaNet exports with decoding and NMS; a JSON sidecar describes its preprocessing.")
     sp.add_argument("target", help="a registered backbone name or a vertebra checkpoint (.safetensors)")
     sp.add_argument("--out", help="output path without or with suffix (default: ./<name>)")
-    sp.add_argument("--format", default="onnx", choices=["onnx", "pt2", "both"])
-    sp.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (17 or newer)")
-    sp.add_argument("--input", type=int, help="square input size (backbones: default the paper's; RetinaNet: the "
+    sp.add_argument("--format", default="onnx", choices=["onnx", "pt2", "both"], help="default onnx")
+    sp.add_argument("--opset", type=A.integer(17), default=DEFAULT_OPSET,
+                    help=f"ONNX opset (17 or newer, default {DEFAULT_OPSET})")
+    sp.add_argument("--input", type=A.SIZE, help="square input size (backbones: default the paper's; RetinaNet: the "
                                               "canvas size, default its min_size rounded up to the pad multiple)")
-    sp.add_argument("--batch", type=int, default=1, help="batch of the example input")
+    sp.add_argument("--batch", type=A.POSITIVE_INT, default=1, help="batch of the example input (default 1)")
     sp.add_argument("--dynamic-batch", action="store_true", help="leave the batch axis dynamic")
     sp.add_argument("--dynamic-size", action="store_true", help="leave height and width dynamic (backbones)")
     sp.add_argument("--features-only", action="store_true", help="export the feature extractor")
-    sp.add_argument("--out-strides", type=int, nargs="+", help="feature strides (with --features-only)")
-    sp.add_argument("--num-classes", type=int, help="classes (default: the paper's; 91 for --detector)")
-    sp.add_argument("--weights", help="backbone weights (vertebra, torchvision or timm state_dict)")
+    sp.add_argument("--out-strides", type=A.POSITIVE_INT, nargs="+", help="feature strides (with --features-only)")
+    sp.add_argument("--num-classes", type=A.POSITIVE_INT, help="classes (default: the paper's; 91 for --detector)")
+    sp.add_argument("--weights", type=A.file_or_url, help="backbone weights (vertebra, torchvision or timm state_dict)")
     sp.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="TAG",
                     help="the backbone's published weights (its best, or TAG; vertebra weights list NAME); the "
                          "sidecar gets their mean / std")
     sp.add_argument("--detector", choices=["retinanet"], help="export a detector on the named backbone")
     sp.add_argument("--check", action="store_true", help="run the export against PyTorch (onnxruntime / the "
                                                          "ExportedProgram); fail above the tolerance")
-    sp.add_argument("--rtol", type=float, default=1e-4, help="--check: allowed difference relative to the "
+    sp.add_argument("--rtol", type=A.NON_NEGATIVE, default=1e-4, help="--check: allowed difference relative to the "
                                                              "output scale (default 1e-4)")
-    sp.add_argument("--atol", type=float, default=1e-5, help="--check: absolute allowance (default 1e-5)")
-    sp.set_defaults(handler=cmd_export)
+    sp.add_argument("--atol", type=A.NON_NEGATIVE, default=1e-5, help="--check: absolute allowance (default 1e-5)")
+    sp.set_defaults(handler=cmd_export, _check=check_export, _parser=sp)
+
+
+def check_export(args) -> None:
+    """--input against the network's smallest input (a registered backbone; a checkpoint and a detector's canvas are
+    checked by the export itself)."""
+    if args.detector is None and not args.target.endswith(".safetensors"):
+        A.check_size_for(args.target, {"--input": args.input})
 
 
 def _print(msg: str) -> None:

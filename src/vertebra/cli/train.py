@@ -7,10 +7,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
-from ._console import console, err_console
+from . import _args as A
+from ._console import console, print_error
 
 __all__ = ["register", "config_from_args", "cmd_train", "cmd_eval", "cmd_predict", "predict_images",
            "pretrained_detector"]
@@ -42,42 +44,53 @@ def _progressive(text: str) -> list[list[float]]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected SIZE:UNTIL pairs like 128:0.5,192:0.75, got {part!r}") \
                 from None
+    last = 0.0
+    for size, until in out:
+        if size < 16:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: each SIZE must be an integer >= 16, got {size}")
+        if not (last < until <= 1.0 and math.isfinite(until)):
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: each UNTIL must be a fraction in (0, 1] "
+                                             f"larger than the one before, got {until:g}")
+        last = until
     return out
 
 
 def _device(arg: str | None) -> str:
-    if arg:
-        return arg
-    import torch
+    from ..devices import default_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return default_device() if arg is None else arg
 
 
 def _add_data_args(p: argparse.ArgumentParser, *, for_eval: bool = False) -> None:
     g = p.add_argument_group("data (one source; none: the built-in shapes set" +
                              (", or the checkpoint's own data)" if for_eval else ")"))
-    g.add_argument("--data", metavar="DIR", help="a shapes set or a COCO-2017 layout folder "
-                                                 "(annotations/instances_{train,val}*.json, train*/, val*/)")
-    g.add_argument("--coco", dest="coco_ann", metavar="ANN", help="a COCO annotation file (with --images)")
-    g.add_argument("--images", dest="coco_images", metavar="DIR", help="the image folder of --coco")
+    g.add_argument("--data", metavar="DIR", type=A.existing_dir,
+                   help="a shapes set or a COCO-2017 layout folder (annotations/instances_{train,val}*.json, "
+                        "train*/, val*/)")
+    g.add_argument("--coco", dest="coco_ann", metavar="ANN", type=A.existing_file,
+                   help="a COCO annotation file (with --images)")
+    g.add_argument("--images", dest="coco_images", metavar="DIR", type=A.existing_dir,
+                   help="the image folder of --coco")
     if not for_eval:
-        g.add_argument("--val-coco", dest="val_coco_ann", metavar="ANN",
+        g.add_argument("--val-coco", dest="val_coco_ann", metavar="ANN", type=A.existing_file,
                        help="validation annotation file (with --val-images)")
-        g.add_argument("--val-images", dest="val_coco_images", metavar="DIR",
+        g.add_argument("--val-images", dest="val_coco_images", metavar="DIR", type=A.existing_dir,
                        help="validation image folder (default --images)")
-    g.add_argument("--voc", metavar="ROOT", help="a Pascal VOC year folder (VOCdevkit/VOC2007)")
+    g.add_argument("--voc", metavar="ROOT", type=A.existing_dir, help="a Pascal VOC year folder (VOCdevkit/VOC2007)")
     if for_eval:
         g.add_argument("--split", dest="voc_split", default=None,
                        help="VOC split to evaluate (default: the run's val split, test)")
     else:
-        g.add_argument("--voc-train-split", default="trainval")
-        g.add_argument("--voc-val-split", default="test")
-    g.add_argument("--folder", metavar="DIR", help="an image folder for classification (DIR/train, DIR/val or "
-                                                   "DIR/<class>/)")
-    g.add_argument("--cifar", metavar="DIR", help="CIFAR-10/100 python batches for classification")
+        g.add_argument("--voc-train-split", default="trainval", help="VOC training split (default trainval)")
+        g.add_argument("--voc-val-split", default="test", help="VOC validation split (default test)")
+    g.add_argument("--folder", metavar="DIR", type=A.existing_dir,
+                   help="an image folder for classification (DIR/train, DIR/val or DIR/<class>/)")
+    g.add_argument("--cifar", metavar="DIR", type=A.existing_dir,
+                   help="CIFAR-10/100 python batches for classification")
     g.add_argument("--skip-bad", action="store_true", help="skip (and count) bad images and annotations")
-    g.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0)")
-    g.add_argument("--batch", type=int, default=None, help="images per batch (per process under torchrun)")
+    g.add_argument("--workers", type=A.COUNT, default=0, help="data-loading processes (default 0)")
+    g.add_argument("--batch", type=A.POSITIVE_INT, default=None,
+                   help="images per batch (per process under torchrun; default 8, cls 32)")
 
 
 def _add_train_parser(subparsers) -> None:
@@ -87,13 +100,15 @@ def _add_train_parser(subparsers) -> None:
     p.add_argument("--task", choices=("det", "cls"), default=None, help="det (default) or cls "
                                                                         "(default with --folder/--cifar)")
     _add_data_args(p)
-    p.add_argument("--size", type=int, default=None, help="input size (det: shorter side, default 256; cls: "
-                                                          "crop, default 224, 32 for CIFAR)")
-    p.add_argument("--augment", choices=("none", "flip", "full"), default="flip")
+    p.add_argument("--size", type=A.SIZE, default=None,
+                   help="input size (det: shorter side, default 256; cls: crop, default 224, 32 for CIFAR); at "
+                        "least the backbone's smallest input")
+    p.add_argument("--augment", choices=("none", "flip", "full"), default="flip",
+                   help="flip: horizontal flips; full: flips and colour jitter (default flip)")
     m = p.add_argument_group("model")
-    m.add_argument("--backbone", default="resnet18")
-    m.add_argument("--backbone-weights", metavar="PATH", help="backbone weights: a file or URL (ours, torchvision's, "
-                                                             "timm's)")
+    m.add_argument("--backbone", default="resnet18", help="a registered network (vertebra list; default resnet18)")
+    m.add_argument("--backbone-weights", metavar="PATH", type=A.file_or_url,
+                   help="backbone weights: a file or URL (ours, torchvision's, timm's)")
     m.add_argument("--pretrained", nargs="?", const="default", default=None, metavar="TAG",
                    help="fine-tune the backbone's published weights (its best, or the set TAG names, e.g. "
                         "timm:a1_in1k; vertebra weights list NAME): frozen BatchNorm, the first stages frozen, "
@@ -104,65 +119,71 @@ def _add_train_parser(subparsers) -> None:
     m.add_argument("--detector-kw", dest="detector_kwargs", type=_kv, action="append", default=[],
                    metavar="KEY=VALUE", help="RetinaNet argument, e.g. head_norm=gn, fpn_channels=128, "
                                              "anchor_sizes=[[16],[32],[64],[128],[256]] (repeatable)")
-    m.add_argument("--head-convs", type=int, default=None,
+    m.add_argument("--head-convs", type=A.COUNT, default=None,
                    help="convs per RetinaNet head tower (default 4; the same as --detector-kw head_convs=N)")
     m.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=12)
-    o.add_argument("--lr", type=float, default=None, help="base learning rate (default by optimizer: sgd 0.01, "
+    o.add_argument("--epochs", type=A.POSITIVE_INT, default=12, help="training epochs (default 12)")
+    o.add_argument("--lr", type=A.POSITIVE, default=None, help="base learning rate (default by optimizer: sgd 0.01, "
                                                           "adamw 1e-3, rmsprop 0.045*batch/32)")
     o.add_argument("--optimizer", choices=("sgd", "adamw", "rmsprop"), default="sgd")
-    o.add_argument("--weight-decay", type=float, default=None)
+    o.add_argument("--weight-decay", type=A.NON_NEGATIVE, default=None,
+                   help="default by optimizer: sgd 1e-4, adamw 0.05, rmsprop 4e-5")
     o.add_argument("--schedule", choices=("cosine", "step", "inception", "constant"), default="cosine",
                    help="inception: x0.94 every two epochs (also step with rmsprop and no --step-epochs)")
-    o.add_argument("--warmup", dest="warmup_steps", type=int, default=None, metavar="STEPS",
+    o.add_argument("--warmup", dest="warmup_steps", type=A.COUNT, default=None, metavar="STEPS",
                    help="linear warm-up steps (default min(500, total/10))")
     o.add_argument("--progressive", type=_progressive, default=[], metavar="SIZE:UNTIL,...",
                    help="progressive resizing: train at SIZE until the fraction UNTIL of the schedule (of "
                         "--max-minutes with --schedule-on-time, else of the steps), then the next; the rest at "
                         "--size. E.g. 128:0.5,192:0.75")
-    o.add_argument("--step-epochs", type=int, nargs="*", default=[], help="step schedule: epochs where lr x0.1")
+    o.add_argument("--step-epochs", type=A.POSITIVE_INT, nargs="*", default=[],
+                   help="step schedule: epochs where lr x0.1")
     o.add_argument("--amp", **_AMP, help="mixed precision: bf16 on CPU, fp16 (GradScaler) on CUDA, or as given")
-    o.add_argument("--ema", nargs="?", type=float, const=0.9998, default=None, metavar="DECAY",
+    o.add_argument("--ema", nargs="?", type=A.FRACTION, const=0.9998, default=None, metavar="DECAY",
                    help="evaluate a running average of the weights (default decay 0.9998)")
-    o.add_argument("--clip", nargs="?", type=float, const=2.0, default=None, metavar="NORM",
+    o.add_argument("--clip", nargs="?", type=A.POSITIVE, const=2.0, default=None, metavar="NORM",
                    help="clip the gradients' global norm (default 2.0)")
-    o.add_argument("--label-smoothing", nargs="?", type=float, const=0.1, default=0.0, metavar="EPS",
+    o.add_argument("--label-smoothing", nargs="?", type=A.FRACTION, const=0.1, default=0.0, metavar="EPS",
                    help="classification label smoothing (default 0.1 when given)")
-    o.add_argument("--aux-weight", type=float, default=None, help="auxiliary classifier loss weight "
+    o.add_argument("--aux-weight", type=A.NON_NEGATIVE, default=None, help="auxiliary classifier loss weight "
                                                                   "(GoogLeNet 0.3, Inception-v3 0.4)")
     r = p.add_argument_group("run")
-    r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    r.add_argument("--device", type=A.device, default=None,
+                   help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     r.add_argument("--out", default=None, help="run folder (default runs/NAME)")
     r.add_argument("--name", default=None, help="run name (default <task>_<backbone>)")
-    r.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+    r.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT", type=A.existing_file,
                    help="continue the run in --out (its last.safetensors) or from CHECKPOINT")
-    r.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
+    r.add_argument("--max-minutes", type=A.POSITIVE, default=None, help="stop after this much training time")
     r.add_argument("--schedule-on-time", action="store_true",
                    help="with --max-minutes: the lr schedule and --progressive run over the time budget, not "
                         "the epochs")
-    r.add_argument("--max-steps", type=int, default=None)
-    r.add_argument("--eval-every", type=int, default=1, metavar="EPOCHS")
-    r.add_argument("--eval-every-minutes", type=float, default=None)
-    r.add_argument("--save-every", type=int, default=None, metavar="STEPS")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    r.add_argument("--max-steps", type=A.POSITIVE_INT, default=None, help="stop after this many optimizer steps")
+    r.add_argument("--eval-every", type=A.POSITIVE_INT, default=1, metavar="EPOCHS",
+                   help="evaluate every N epochs (default 1)")
+    r.add_argument("--eval-every-minutes", type=A.POSITIVE, default=None, metavar="MINUTES",
+                   help="also evaluate after this much training time")
+    r.add_argument("--save-every", type=A.POSITIVE_INT, default=None, metavar="STEPS",
+                   help="also write last.safetensors every N steps")
+    r.add_argument("--seed", type=A.SEED, default=0, help="random seed (default 0)")
+    r.add_argument("--threads", type=A.POSITIVE_INT, default=None, help="torch CPU threads")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     d = p.add_argument_group("several processes and machines (launch with torchrun --nproc_per_node N ... "
                              "-m vertebra train; --batch is per process)")
-    d.add_argument("--accum-steps", type=int, default=1, metavar="N",
+    d.add_argument("--accum-steps", type=A.POSITIVE_INT, default=1, metavar="N",
                    help="accumulate N micro-batches of --batch per optimizer step (default 1)")
     d.add_argument("--sync-bn", action="store_true", help="BatchNorm statistics over every process's batch")
     d.add_argument("--lr-scale", choices=("none", "linear"), default="none",
                    help="linear: lr x global batch / --lr-ref-batch, global batch = --batch x processes x "
                         "--accum-steps (default none: --lr as given)")
-    d.add_argument("--lr-ref-batch", type=int, default=None, metavar="B",
+    d.add_argument("--lr-ref-batch", type=A.POSITIVE_INT, default=None, metavar="B",
                    help="the batch --lr is meant for (default --batch: one process, no accumulation)")
     d.add_argument("--dist-backend", choices=("gloo", "nccl"), default=None,
                    help="default gloo on CPU, nccl on CUDA")
-    d.add_argument("--dist-timeout", type=float, default=30.0, metavar="MINUTES",
+    d.add_argument("--dist-timeout", type=A.POSITIVE, default=30.0, metavar="MINUTES",
                    help="how long a process waits for a peer before the job stops (default 30)")
-    p.set_defaults(handler=cmd_train)
+    p.set_defaults(handler=cmd_train, _check=check_train, _parser=p)
 
 
 def register(subparsers) -> None:
@@ -171,17 +192,18 @@ def register(subparsers) -> None:
 
     e = subparsers.add_parser("eval", help="evaluate a checkpoint (COCO AP / VOC mAP / top-1, top-5)",
                               description="Evaluate a checkpoint on its validation data or on the data given.")
-    e.add_argument("--checkpoint", required=True, metavar="C")
+    e.add_argument("--checkpoint", required=True, metavar="C", type=A.existing_file,
+                   help="a checkpoint of vertebra train")
     _add_data_args(e, for_eval=True)
-    e.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    e.add_argument("--size", type=int, default=None, help="input size (default: the training size)")
+    e.add_argument("--device", type=A.device, default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    e.add_argument("--size", type=A.SIZE, default=None, help="input size (default: the training size)")
     e.add_argument("--amp", **_AMP)
     e.add_argument("--no-ema", action="store_true", help="use the raw weights, not the running average")
     e.add_argument("--voc-metric", action="store_true", help="also Pascal VOC07/VOC12 mAP@0.5")
     e.add_argument("--per-class", action="store_true",
                    help="detection: also AP and AP50 of each class and the class-agnostic AP / AP50")
     e.add_argument("--out", default=None, metavar="JSON", help="metrics file (default <checkpoint>.eval.json)")
-    e.set_defaults(handler=cmd_eval)
+    e.set_defaults(handler=cmd_eval, _check=check_eval, _parser=e)
 
     q = subparsers.add_parser("predict", help="detect (or classify) images with a checkpoint or a COCO RetinaNet",
                               description="Write each image with its boxes drawn and a JSON of the detections "
@@ -189,20 +211,22 @@ def register(subparsers) -> None:
                                           "a COCO-trained RetinaNet (--pretrained coco, no checkpoint needed).")
     q.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders of them")
     w = q.add_mutually_exclusive_group(required=True)
-    w.add_argument("--checkpoint", metavar="C", help="a checkpoint of vertebra train")
+    w.add_argument("--checkpoint", metavar="C", type=A.existing_file, help="a checkpoint of vertebra train")
     w.add_argument("--pretrained", nargs="?", const="coco", default=None, metavar="WEIGHTS",
                    help="a RetinaNet with published weights: coco (the default) takes the best COCO-trained set "
                         "for --backbone, a name such as retinanet_resnet50_fpn:COCO_V1 one set "
                         "(vertebra weights list shows them)")
     q.add_argument("--backbone", default="resnet50", help="the backbone of --pretrained (default resnet50)")
     q.add_argument("--out", default="predictions", metavar="DIR", help="output folder (default predictions/)")
-    q.add_argument("--score-thresh", type=float, default=0.3)
-    q.add_argument("--device", default=None)
-    q.add_argument("--no-ema", action="store_true")
+    q.add_argument("--score-thresh", type=A.PROBABILITY, default=0.3,
+                   help="keep detections scoring at least this (default 0.3)")
+    q.add_argument("--device", type=A.device, default=None,
+                   help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    q.add_argument("--no-ema", action="store_true", help="use the raw weights, not the running average")
     q.add_argument("--bf16", action="store_true",
                    help="run the network in bfloat16 (about twice as fast on CPUs with bf16 instructions; scores "
                         "agree with float32 to about 2 decimals, boxes and NMS stay float32)")
-    q.set_defaults(handler=cmd_predict)
+    q.set_defaults(handler=cmd_predict, _check=check_predict, _parser=q)
 
 
 def _fields(cls, args) -> dict[str, Any]:
@@ -216,6 +240,52 @@ def _source(args, **defaults):
 
 
 # --------------------------------------------------------------------------------------------- train
+
+
+def check_train(args) -> None:
+    """The flags of ``vertebra train`` that must fit together, checked before any data is read: one data source,
+    the precision the device runs, sizes the backbone takes (not on --resume: the run's own backbone decides)."""
+    try:
+        _ = _source(args).kind
+    except ValueError as e:
+        raise A.UsageError("--data", str(e)) from None
+    if args.pretrained is not None and args.backbone_weights is not None:
+        raise A.UsageError("--pretrained", "give --pretrained (published weights) or --backbone-weights (a file), "
+                                           "not both")
+    if args.schedule_on_time and args.max_minutes is None:
+        raise A.UsageError("--schedule-on-time", "the schedule runs over the time budget: give --max-minutes too")
+    if args.amp is not None:
+        from ..precision import resolve_amp
+
+        device = _device(args.device)
+        A.check_precision(resolve_amp(args.amp, device), device, f"--amp {args.amp}")
+    if not args.resume:
+        sizes = {"--size": args.size}
+        if args.progressive:
+            sizes["--progressive"] = int(min(size for size, _ in args.progressive))
+        A.check_size_for(args.backbone, sizes, dict(args.backbone_kwargs))
+
+
+def check_eval(args) -> None:
+    if args.size is not None:  # against the checkpoint's backbone (its description; the handler reports a bad file)
+        from ..engine.checkpoint import CheckpointError, load_checkpoint
+
+        try:
+            model = load_checkpoint(args.checkpoint, prefixes=()).state["model"]
+        except CheckpointError:
+            model = None
+        if isinstance(model, dict) and isinstance(model.get("backbone"), str):
+            A.check_size_for(model["backbone"], {"--size": args.size}, model.get("backbone_kwargs") or {})
+    if args.amp is not None:
+        from ..precision import resolve_amp
+
+        device = _device(args.device)
+        A.check_precision(resolve_amp(args.amp, device), device, f"--amp {args.amp}")
+
+
+def check_predict(args) -> None:
+    if args.bf16:
+        A.check_precision("bf16", _device(args.device), "--bf16")
 
 
 def config_from_args(args):
@@ -232,7 +302,8 @@ def config_from_args(args):
     if args.head_convs is not None:
         detector_kwargs["head_convs"] = args.head_convs
     values.update(task=task, source=source, device=device, amp=resolve_amp(args.amp, device),
-                  batch=args.batch or task_for(task).default_batch, backbone_kwargs=dict(args.backbone_kwargs),
+                  batch=task_for(task).default_batch if args.batch is None else args.batch,
+                  backbone_kwargs=dict(args.backbone_kwargs),
                   detector_kwargs=detector_kwargs, step_epochs=list(args.step_epochs),
                   progressive=list(args.progressive))
     return TrainConfig(**values)
@@ -247,6 +318,7 @@ def _where() -> str:
 
 
 def cmd_train(args) -> int:
+    from .._io import RunLockedError
     from ..data import DataError
     from ..engine.checkpoint import CheckpointError
     from ..engine.distributed import cleanup_distributed, is_main_process
@@ -268,14 +340,14 @@ def cmd_train(args) -> int:
                               + (", SyncBatchNorm" if c.sync_bn and plan.world_size > 1 else ""))
         summary = trainer.fit()
     except NonFiniteLossError as e:
-        err_console.print(f"[red]error{_where()}:[/] {e}")
+        print_error(e, label=f"error{_where()}")
         return EXIT_NONFINITE
-    except (CheckpointError, DataError, FileNotFoundError, ValueError, KeyError) as e:
-        err_console.print(f"[red]error{_where()}:[/] {e}")
+    except (CheckpointError, DataError, FileNotFoundError, ValueError, KeyError, RunLockedError) as e:
+        print_error(e.args[0] if isinstance(e, KeyError) and e.args else e, label=f"error{_where()}")
         return EXIT_ERROR
     except Exception as e:  # a crash: say which process, then let the traceback (and torchrun's report) follow
         if _where():
-            err_console.print(f"[red]failed{_where()}:[/] {type(e).__name__}: {e}")
+            print_error(f"{type(e).__name__}: {e}", label=f"failed{_where()}")
         raise
     finally:
         if trainer is not None:
@@ -333,13 +405,14 @@ def cmd_eval(args) -> int:
         task = task_for(spec.task)
         run = DataSource.from_dict(state.get("config") or {})
         source = run.for_eval(_source(args, voc_val_split=run.voc_val_split))
-        ds, is_voc = task.eval_dataset(spec, source, args.size or spec.size or 256, voc_split=args.voc_split,
-                                       skip_bad=args.skip_bad)
-        loader = DataLoader(ds, batch_size=args.batch or 8, num_workers=args.workers, collate_fn=task.collate)
+        size = args.size if args.size is not None else spec.size or 256
+        ds, is_voc = task.eval_dataset(spec, source, size, voc_split=args.voc_split, skip_bad=args.skip_bad)
+        loader = DataLoader(ds, batch_size=8 if args.batch is None else args.batch, num_workers=args.workers,
+                            collate_fn=task.collate)
         metrics = task.evaluate(model, loader, ds, device=device, amp=resolve_amp(args.amp, device),
                                 voc=is_voc or args.voc_metric, breakdown=args.per_class)
     except (CheckpointError, DataError, FileNotFoundError, ValueError) as e:
-        err_console.print(f"[red]error:[/] {e}")
+        print_error(e)
         return EXIT_ERROR
     metrics["images"] = len(ds)
     _print_metrics(metrics, f"{args.checkpoint} on {getattr(ds, 'name', getattr(ds, 'root', ''))}")
@@ -358,28 +431,39 @@ def cmd_eval(args) -> int:
 
 
 def predict_images(model, state: dict[str, Any], paths: list[str], out_dir: Path, score_thresh: float = 0.3,
-                   device: str = "cpu") -> list[dict[str, Any]]:
+                   device: str = "cpu", skipped: list[dict[str, str]] | None = None) -> list[dict[str, Any]]:
     """Run a checkpoint's model on image files: ``predictions.json`` in ``out_dir`` and, for a detector,
-    ``<stem>.jpg`` with the boxes drawn; returns the JSON entries."""
+    ``<stem>.jpg`` with the boxes drawn; returns the JSON entries. An image that cannot be read raises its
+    :class:`~vertebra.data.ImageError`, or, given a ``skipped`` list, is appended to it (image, reason, error)
+    and left out."""
     import torch
 
     from .._io import atomic_write
-    from ..data import read_image
+    from ..data import ImageError, read_image
     from ..engine.tasks import ModelSpec, task_for
 
     spec = ModelSpec.from_dict(state["model"])
     task = task_for(spec.task)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = []
+    results, names = [], set()
     for path in paths:
-        img = read_image(path).as_subclass(torch.Tensor)
+        try:
+            img = read_image(path).as_subclass(torch.Tensor)
+        except ImageError as e:
+            if skipped is None:
+                raise
+            skipped.append({"image": str(path), "reason": e.reason, "error": str(e)})
+            continue
         entry: dict[str, Any] = {"image": str(path), "height": int(img.shape[1]), "width": int(img.shape[2])}
         entry.update(task.predict(model, spec, img, device=device, score_thresh=score_thresh))
         picture = task.render(img, entry)
         if picture is not None:
-            dst = out_dir / f"{Path(path).stem}.jpg"
-            picture.save(dst, quality=92)
-            entry["output"] = str(dst)
+            stem = Path(path).stem  # a.png and a.jpg of one folder: a.jpg and a-2.jpg, neither overwritten
+            name = next(n for n in (f"{stem}.jpg", *(f"{stem}-{k}.jpg" for k in range(2, len(paths) + 2)))
+                        if n not in names)
+            names.add(name)
+            picture.save(out_dir / name, quality=92)
+            entry["output"] = str(out_dir / name)
         results.append(entry)
     atomic_write(out_dir / "predictions.json", json.dumps(results, indent=1) + "\n")
     return results
@@ -400,8 +484,9 @@ def pretrained_detector(backbone: str, pretrained: str, device: str = "cpu"):
 
 
 def cmd_predict(args) -> int:
+    from collections import Counter
+
     import torch
-    from rich.markup import escape
 
     from ..data import DataError
     from ..engine import load_model
@@ -409,26 +494,37 @@ def cmd_predict(args) -> int:
     from ..engine.tasks import ModelSpec, task_for
     from ..hub import WeightsError
     from ..inference import optimize_for_inference
-    from ..precision import check_dtype
-    from .classify import image_files
+    from .classify import find_images
 
     device = _device(args.device)
+    skipped: list[dict[str, str]] = []
     try:
-        if args.bf16:
-            check_dtype("bf16", device, flag="--bf16")
-        paths = image_files(args.images)
+        paths, ignored = find_images(args.images)
         if args.pretrained is not None:
             model, state = pretrained_detector(args.backbone, args.pretrained, device)
         else:
             model, state = load_model(args.checkpoint, ema=not args.no_ema, device=device)
         # BN folded, channels_last, fused conv + ReLU (outputs equal within float rounding); bf16 on request
         model = optimize_for_inference(model, inplace=True, dtype=torch.bfloat16 if args.bf16 else None)
-        results = predict_images(model, state, paths, Path(args.out), args.score_thresh, device)
+        results = predict_images(model, state, paths, Path(args.out), args.score_thresh, device, skipped=skipped)
     except (CheckpointError, DataError, WeightsError, FileNotFoundError, ValueError) as e:
-        err_console.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
+        print_error(e)
         return EXIT_ERROR
     task = task_for(ModelSpec.from_dict(state["model"]).task)
+    plain = dict(markup=False, highlight=False, soft_wrap=True)
     for r in results:
-        console.print(f"{r['image']}: {task.summary_line(r)}")
-    console.print(f"wrote {Path(args.out) / 'predictions.json'}")
+        console.print(f"{r['image']}: {task.summary_line(r)}", **plain)
+    for s in skipped:
+        print_error(s["error"], label="skipped")
+    if ignored:
+        shown = ", ".join(p.name for p in ignored[:5]) + (", ..." if len(ignored) > 5 else "")
+        console.print(f"left out {len(ignored)} file(s) of the folders that are not images ({shown})", **plain)
+    if skipped:
+        reasons = ", ".join(f"{k}: {v}" for k, v in Counter(s["reason"] for s in skipped).most_common())
+        console.print(f"skipped {len(skipped)} of {len(paths)} images ({reasons})", **plain)
+    if not results:
+        print_error(f"none of the {len(paths)} images could be read; nothing written but an empty "
+                    f"{Path(args.out) / 'predictions.json'}")
+        return EXIT_ERROR
+    console.print(f"wrote {Path(args.out) / 'predictions.json'} ({len(results)} images)", **plain)
     return 0

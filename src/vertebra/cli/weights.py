@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 
-from rich.markup import escape
-
-from ._console import console, err_console
+from ._console import console, print_error
 
 __all__ = ["register", "cmd_weights"]
 
@@ -134,6 +132,6 @@ def cmd_weights(args) -> int:
                 console.print(f"{w.network} {w.tag}: {path}", highlight=False, soft_wrap=True)
     except (hub.WeightsError, KeyError, TypeError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        err_console.print(f"[red]error:[/] {escape(str(msg))}", highlight=False, soft_wrap=True)
+        print_error(msg)
         return EXIT_ERROR
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,13 @@ __all__ = ["TrainConfig", "DataSource"]
 _DERIVED = ("world_size", "global_batch", "scaled_lr")
 _OPTIMIZERS = ("sgd", "adamw", "rmsprop")
 _SCHEDULES = ("cosine", "step", "inception", "constant")
+#: (field, smallest value, None allowed): what validate() checks besides the choices
+_AT_LEAST = (("epochs", 1, False), ("batch", 1, False), ("size", 16, True), ("workers", 0, False),
+             ("warmup_steps", 0, True), ("weight_decay", 0.0, True), ("aux_weight", 0.0, True), ("max_steps", 1, True),
+             ("eval_every", 1, False), ("save_every", 1, True), ("log_every", 1, False), ("threads", 1, True),
+             ("accum_steps", 1, False), ("lr_ref_batch", 1, True))
+#: fields that are None or a number > 0
+_ABOVE_ZERO = ("lr", "clip", "max_minutes", "eval_every_minutes", "dist_timeout")
 
 
 @dataclass
@@ -127,10 +135,22 @@ class TrainConfig:
             raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {self.amp!r}")
         if self.augment not in ("none", "flip", "full"):
             raise ValueError(f"augment must be none, flip or full, got {self.augment!r}")
-        if self.epochs < 1 or self.batch < 1 or (self.size is not None and self.size < 16):
-            raise ValueError(f"need epochs >= 1, batch >= 1, size >= 16 (got {self.epochs}, {self.batch}, "
-                             f"{self.size})")
-        if self.schedule_on_time and not self.max_minutes:
+        for name, lo, optional in _AT_LEAST:
+            v = getattr(self, name)
+            if v is None and optional:
+                continue
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v or v < lo:
+                raise ValueError(f"{name} must be {'an integer' if isinstance(lo, int) else 'a number'} >= {lo}"
+                                 f"{' (or None)' if optional else ''}, got {v!r}")
+        for name in _ABOVE_ZERO:
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf):
+                raise ValueError(f"{name} must be a number > 0 (or None), got {v!r}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        if any(e < 1 for e in self.step_epochs):
+            raise ValueError(f"step_epochs must be epochs >= 1, got {self.step_epochs}")
+        if self.schedule_on_time and self.max_minutes is None:
             raise ValueError("schedule_on_time runs the schedule over the time budget: give max_minutes too")
         last = 0.0
         for i, pair in enumerate(self.progressive):
@@ -142,16 +162,10 @@ class TrainConfig:
             if not last < until <= 1.0:
                 raise ValueError(f"progressive[{i}]: until must increase within (0, 1], got {until!r} after {last}")
             last = until
-        if self.accum_steps < 1:
-            raise ValueError(f"accum_steps must be >= 1, got {self.accum_steps}")
         if self.lr_scale not in ("none", "linear"):
             raise ValueError(f"lr_scale must be 'none' or 'linear', got {self.lr_scale!r}")
-        if self.lr_ref_batch is not None and self.lr_ref_batch < 1:
-            raise ValueError(f"lr_ref_batch must be >= 1, got {self.lr_ref_batch}")
         if self.dist_backend not in (None, "gloo", "nccl"):
             raise ValueError(f"dist_backend must be gloo or nccl, got {self.dist_backend!r}")
-        if self.dist_timeout <= 0:
-            raise ValueError(f"dist_timeout must be > 0 minutes, got {self.dist_timeout}")
         if self.ema is not None and not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema decay must be in [0, 1), got {self.ema}")
         if not 0.0 <= self.label_smoothing < 1.0:

@@ -103,8 +103,9 @@ def init_distributed(device: str = "cpu", backend: str | None = None, timeout_mi
                              "(torchrun --nproc_per_node N -m vertebra train ...), which sets them")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda but CUDA is not available on this machine")
+        from ..devices import check_device
+
+        check_device(device)
         n = torch.cuda.device_count()
         if local_rank >= n:
             raise ValueError(f"LOCAL_RANK {local_rank} but this machine has {n} CUDA device(s): "

@@ -72,7 +72,8 @@ class BatchPlan:
         ref = None
         lr = cfg.resolved_lr()
         if cfg.lr_scale == "linear":
-            ref = cfg.lr_ref_batch or cfg.batch  # the batch the given lr is meant for, fixed for the run
+            # the batch the given lr is meant for, fixed for the run
+            ref = cfg.batch if cfg.lr_ref_batch is None else cfg.lr_ref_batch
             lr *= g / float(ref)
         return cls(w, batch, accum, g, ref if ref is not None else cfg.lr_ref_batch, lr, tuple(notes))
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from .._io import atomic_write
 
-__all__ = ["MetricsLog", "RunConsole", "TrainWindow", "skip_lines"]
+__all__ = ["MetricsLog", "RunConsole", "TrainWindow", "skip_lines", "data_counts", "data_line"]
 
 log = logging.getLogger("vertebra.engine")
 
@@ -120,8 +120,8 @@ class RunConsole:
     def print(self, msg: str) -> None:
         if not self.enabled:
             return
-        if self.console is not None:
-            self.console.print(msg)
+        if self.console is not None:  # as it is: paths and lists in brackets are not rich markup
+            self.console.print(msg, markup=False, highlight=False, soft_wrap=True)
         elif self.show_progress:
             print(msg, flush=True)
         else:
@@ -146,6 +146,39 @@ class RunConsole:
             progress.console.print(
                 f"step {step} (epoch {step / steps_per_epoch:.2f}): loss {last_row.get('loss', loss):.4f}"
                 f"  lr {lr:.2e}  {last_row.get('images_per_s', ips):.2f} img/s  {train_seconds / 60:.1f} min")
+
+
+def data_counts(ds) -> dict[str, Any]:
+    """A data set's :meth:`~vertebra.data.common.DetectionDataset.counts` (a classification set: its images and
+    classes, and what it skipped)."""
+    if hasattr(ds, "counts"):
+        return ds.counts()
+    out: dict[str, Any] = {"images": len(ds)}
+    classes = getattr(ds, "classes", None)
+    if classes is not None:
+        out["classes"] = len(classes)
+    out["skipped"] = dict(getattr(ds, "skipped", None) or {})
+    return out
+
+
+def data_line(name: str, c: dict[str, Any]) -> str:
+    """One line of :func:`data_counts`: ``train: 1000 images (12 without boxes, kept), 5321 boxes of 3 classes;
+    clipped 3 boxes to their image; skipped 2 (zero-area box: 1, box x2 < x1: 1)``."""
+    head = f"{name}: {c['images']} images"
+    if "boxes" in c:
+        head += f" ({c['images_without_boxes']} without boxes, kept)" if c.get("images_without_boxes") else ""
+        head += f", {c['boxes']} boxes of {c['classes']} classes"
+    elif "classes" in c:
+        head += f" of {c['classes']} classes"
+    parts = [head]
+    if c.get("clipped_boxes"):
+        parts.append(f"clipped {c['clipped_boxes']} boxes to their image")
+    if c.get("skipped"):
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(c["skipped"].items(), key=lambda kv: (-kv[1], kv[0])))
+        parts.append(f"skipped {sum(c['skipped'].values())} ({reasons})")
+    if c.get("ignored_crowd"):
+        parts.append(f"left out {c['ignored_crowd']} crowd boxes")
+    return "; ".join(parts)
 
 
 def skip_lines(datasets: dict[str, Any], workers: int = 0) -> list[str]:

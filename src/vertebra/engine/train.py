@@ -1,6 +1,8 @@
 """The training loop: ``Trainer(TrainConfig(...)).fit()`` trains a task (:mod:`.tasks`) and writes a run folder::
 
-    runs/<name>/config.json      the config (and the batch plan)
+    runs/<name>/.lock            held while the run lives (a second run on the folder refuses to start)
+                config.json      the config, the batch plan, how the backbone starts ("init") and what the data
+                                 gave ("data": images, boxes, boxes clipped, annotations skipped, per split)
                 metrics.csv      one row per log interval (loss, parts, lr, images/s) and per evaluation
                 loss.png         loss (and the evaluation metric) against steps, redrawn at each epoch end
                 last.safetensors (+ last.json)   the latest checkpoint; best.* the best evaluated one
@@ -25,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from .._io import atomic_write
+from .._io import DISK_FULL_ERRNOS, RunLock, atomic_write
 from ..precision import check_dtype
 from . import techniques
 from .checkpoint import (
@@ -49,7 +51,7 @@ from .distributed import (
 )
 from .models import load_state
 from .optim import BatchPlan, build_optimizer, lr_factor, progressive_size, schedule_fraction
-from .records import MetricsLog, RunConsole, TrainWindow, skip_lines
+from .records import MetricsLog, RunConsole, TrainWindow, data_counts, data_line, skip_lines
 from .sampling import EpochSampler, SeededDataset, micro_batches, rank_seed, seed_everything
 from .tasks import ModelSpec, Task, backbone_init, task_for
 
@@ -98,10 +100,12 @@ class Trainer:
         dinfo = init_distributed(cfg.device, cfg.dist_backend, cfg.dist_timeout)
         self.rank, self.world_size, self.device = dinfo.rank, dinfo.world_size, dinfo.device
         self.plan = BatchPlan.for_run(cfg, self.world_size, st and st.global_batch, st and st.world_size)
-        if cfg.threads:
+        if cfg.threads is not None:
             torch.set_num_threads(int(cfg.threads))
         self.main = is_main_process()
         self.run_dir = cfg.run_dir()
+        # before anything is read or written: a second run on this folder stops here (RunLockedError)
+        self.lock = RunLock(self.run_dir).acquire() if self.main else None
         self.out = RunConsole(console, enabled=self.main, progress=cfg.progress)
         self.metrics = MetricsLog(self.run_dir, enabled=self.main)
         seed_everything(cfg.seed)
@@ -110,6 +114,9 @@ class Trainer:
         self.train_set, self.val_set, self.voc = self.task.datasets(cfg, self.size)
         if len(self.train_set) == 0:
             raise ValueError("the training set is empty")
+        # what the run really uses of its data, printed once and kept in config.json
+        self.data_counts = {k: data_counts(ds) for k, ds in (("train", self.train_set), ("val", self.val_set))
+                            if ds is not None}
         self.init = backbone_init(cfg)  # config.json's record of how the backbone starts
         self.model_spec: ModelSpec = self.task.model_spec(cfg, self.train_set, self.size)
         self.model = self.task.build_model(self.model_spec, None if ck else cfg.backbone_weights,
@@ -164,8 +171,13 @@ class Trainer:
             for stale in [*self.run_dir.glob(".*.tmp"), *self.run_dir.glob(".*.tmp-*")]:  # a killed write's
                 stale.unlink(missing_ok=True)
             atomic_write(self.run_dir / "config.json",
-                         json.dumps({**cfg.to_dict(), **self.plan.to_dict(), "init": self.init}, indent=1,
-                                    sort_keys=True) + "\n")
+                         json.dumps({**cfg.to_dict(), **self.plan.to_dict(), "init": self.init,
+                                     "data": self.data_counts}, indent=1, sort_keys=True) + "\n")
+        for name, counts in self.data_counts.items():
+            self.out.print(data_line(name, counts))
+        if self.val_set is None:
+            self.out.print("no validation set: the run is not evaluated and writes no best.safetensors (give "
+                           "--val-coco, a VOC split with --voc-val-split, or a val/ folder)")
         for note in self.plan.notes:
             self.out.print(note)
 
@@ -179,9 +191,11 @@ class Trainer:
         return self.task.primary_metric
 
     def close(self) -> None:
-        """Drop the DDP wrapper; call it before the process group is destroyed (a DDP reducer that outlives its
-        group aborts the process at exit)."""
+        """Drop the DDP wrapper and the run folder's lock; call it before the process group is destroyed (a DDP
+        reducer that outlives its group aborts the process at exit)."""
         self.ddp = None
+        if self.lock is not None:
+            self.lock.release()
 
     # ----------------------------------------------------------------------------------- checkpoints
     def state(self) -> dict[str, Any]:
@@ -210,7 +224,14 @@ class Trainer:
             groups = {"model": self.model.state_dict(), "optim": opt_t, "rng": rng_t}
             if self.ema is not None:
                 groups["ema"] = self.ema.shadow
-            path = save_checkpoint(self.run_dir / f"{name}.safetensors", groups, self.state())
+            try:
+                path = save_checkpoint(self.run_dir / f"{name}.safetensors", groups, self.state())
+            except OSError as e:
+                prev = self.run_dir / f"{name}.safetensors"
+                kept = f"{prev} is the previous one, whole" if prev.is_file() else f"no {prev} was written yet"
+                why = "the disk is full" if e.errno in DISK_FULL_ERRNOS else "the write failed"
+                raise CheckpointError(f"{prev}: cannot write the checkpoint of step {self.step}, {why} "
+                                      f"({e.strerror or e}); {kept}; free space and --resume") from None
         barrier()
         return path
 
@@ -245,7 +266,7 @@ class Trainer:
     def schedule_fraction(self) -> float:
         """How far the run is through its schedule, 0..1: the time budget used with ``schedule_on_time``, else
         the steps done."""
-        if self.cfg.schedule_on_time and self.cfg.max_minutes:
+        if self.cfg.schedule_on_time and self.cfg.max_minutes is not None:
             return schedule_fraction(self.train_seconds, 60 * self.cfg.max_minutes)
         return schedule_fraction(self.step, self.total_steps)
 
@@ -256,7 +277,7 @@ class Trainer:
 
     def _lr_factor(self) -> float:
         frac = None
-        if self.cfg.schedule_on_time and self.cfg.max_minutes:
+        if self.cfg.schedule_on_time and self.cfg.max_minutes is not None:
             if self.step <= self.warmup:
                 self.warmup_seconds = self.train_seconds
             frac = schedule_fraction(self.train_seconds, 60 * self.cfg.max_minutes, self.warmup_seconds)
@@ -308,13 +329,13 @@ class Trainer:
         if not math.isfinite(loss_v):
             raise self._nonfinite("the loss", loss_v, parts_f)
         if self.scaler is not None:
-            if self.cfg.clip:
+            if self.cfg.clip is not None:
                 self.scaler.unscale_(self.optimizer)
                 techniques.clip_gradients(self.model, self.cfg.clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            if self.cfg.clip:
+            if self.cfg.clip is not None:
                 norm = float(techniques.clip_gradients(self.model, self.cfg.clip))
                 if not math.isfinite(norm):
                     raise self._nonfinite("the gradient norm", norm, parts_f)
@@ -391,7 +412,15 @@ class Trainer:
         return ""
 
     def fit(self) -> dict[str, Any]:
-        """Train to the end (or to ``max_steps`` / ``max_minutes``); returns a summary."""
+        """Train to the end (or to ``max_steps`` / ``max_minutes``); returns a summary. The run folder's lock is
+        released when it returns or raises."""
+        try:
+            return self._fit()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _fit(self) -> dict[str, Any]:
         cfg, spe = self.cfg, self.steps_per_epoch
         start_epoch, start_batch = divmod(self.step, spe)
         progress = self.out.progress_bar()
@@ -420,9 +449,10 @@ class Trainer:
                                            self.train_seconds, self.metrics.last(), cfg.log_every)
                     if self.step % cfg.log_every == 0 or self.step % spe == 0:
                         self.metrics.append(window.row(self.step, spe, lr, self.train_seconds))
-                    if cfg.save_every and self.step % cfg.save_every == 0:
+                    if cfg.save_every is not None and self.step % cfg.save_every == 0:
                         self.save("last")
-                    if cfg.eval_every_minutes and self.train_seconds - last_eval_t >= 60 * cfg.eval_every_minutes:
+                    every = cfg.eval_every_minutes
+                    if every is not None and self.train_seconds - last_eval_t >= 60 * every:
                         self._eval_and_record(epoch)
                         last_eval_t, t_fetch = self.train_seconds, time.perf_counter()
                     self.stop_reason = self._stop()

@@ -1,0 +1,167 @@
+"""The argparse types of every ``vertebra`` command: each flag's value is checked where it is parsed, so a bad one
+ends in argparse's one-line usage error naming the flag, the value and what is allowed, before anything is read,
+built or written. ``None`` is the only "not given"; no value is ever tested for truth.
+
+Checks that need two flags or a built model (a size against the backbone's smallest input, ``--amp fp16`` on a
+CPU) are a command's ``check(args)``: it raises :class:`UsageError`, which :func:`vertebra.cli.main` reports the
+same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["UsageError", "integer", "number", "existing_file", "existing_dir", "file_or_url", "device",
+           "POSITIVE_INT", "COUNT", "SEED", "SIZE", "POSITIVE", "NON_NEGATIVE", "FRACTION", "PROBABILITY",
+           "check_size_for", "check_precision"]
+
+
+class UsageError(ValueError):
+    """A flag's value that does not fit the others (raised by a command's ``check``): ``flag`` names it."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(message)
+        self.flag = flag
+
+
+def _bound(lo, hi, lo_open: bool, hi_open: bool, what: str) -> str:
+    def f(v) -> str:
+        return str(v) if isinstance(v, int) else f"{v:g}"
+
+    if lo is not None and hi is not None:
+        return f"{what} in {'(' if lo_open else '['}{f(lo)}, {f(hi)}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{what} {'>' if lo_open else '>='} {f(lo)}"
+    return f"{what} {'<' if hi_open else '<='} {f(hi)}"
+
+
+def _typed(func: Callable[[str], object], name: str, **bounds) -> Callable[[str], object]:
+    func.__name__ = name  # argparse words its fallback message with the type's name
+    func.bounds = bounds  # what the type allows, for the tests that walk every flag with a bad value
+    return func
+
+
+def integer(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in ``[lo, hi]`` (either bound may be None)."""
+    allowed = _bound(lo, hi, False, False, "an integer") if lo is not None or hi is not None else "an integer"
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be {allowed}") from None
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be {allowed}")
+        return v
+
+    return _typed(parse, allowed, kind=int, lo=lo, hi=hi, lo_open=False, hi_open=False)
+
+
+def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+           hi_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number within the bounds (open or closed at each end)."""
+    allowed = _bound(lo, hi, lo_open, hi_open, "a number") if lo is not None or hi is not None else "a finite number"
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be {allowed}") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be {allowed} (finite)")
+        if lo is not None and (v < lo or (lo_open and v == lo)):
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be {allowed}")
+        if hi is not None and (v > hi or (hi_open and v == hi)):
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be {allowed}")
+        return v
+
+    return _typed(parse, allowed, kind=float, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open)
+
+
+POSITIVE_INT = integer(1)  # batches, epochs, steps, threads, runs
+COUNT = integer(0)  # workers, warm-up steps, images
+SEED = integer(0, 2**32 - 1)  # what numpy's and torch's generators take
+SIZE = integer(16)  # input sizes: each command also checks them against its network's smallest input
+POSITIVE = number(0, lo_open=True)  # learning rates, minutes, norms
+NON_NEGATIVE = number(0)  # weight decay, loss weights, tolerances
+FRACTION = number(0, 1, hi_open=True)  # EMA decay, label smoothing
+PROBABILITY = number(0, 1)  # score thresholds
+
+
+def existing_file(text: str) -> str:
+    """An argparse type: a path to a file that exists."""
+    p = Path(text)
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
+    if not p.is_file():
+        raise argparse.ArgumentTypeError(f"{text!r}: no such file")
+    return text
+
+
+def existing_dir(text: str) -> str:
+    """An argparse type: a path to a folder that exists."""
+    p = Path(text)
+    if p.is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
+    if not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: no such folder")
+    return text
+
+
+def file_or_url(text: str) -> str:
+    """An argparse type: an http(s) URL, or a path to a file that exists."""
+    from ..hub import is_url
+
+    return text if is_url(text) else existing_file(text)
+
+
+def device(text: str) -> str:
+    """An argparse type: a device this machine has (``cpu``, ``cuda``, ``cuda:N``, ``mps``)."""
+    from ..devices import check_device
+
+    try:
+        check_device(text, flag="")
+    except ValueError as e:  # " NAME: why" -> "invalid value 'NAME': why"
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: {str(e).split(': ', 1)[-1]}") from None
+    return text
+
+
+for _f, _name in ((existing_file, "existing file"), (existing_dir, "existing folder"), (file_or_url, "file or URL"),
+                  (device, "device")):
+    _typed(_f, _name)
+
+
+# --------------------------------------------------------------------------------------------- cross-flag checks
+
+
+def check_size_for(backbone: str, sizes: dict[str, int | None], backbone_kwargs: dict | None = None) -> None:
+    """Raise :class:`UsageError` for a size (``{flag: value}``) below ``backbone``'s smallest input. An unknown
+    backbone or bad build arguments are left to the command, which reports them with the registry's words."""
+    given = {flag: v for flag, v in sizes.items() if v is not None}
+    if not given:
+        return
+    import torch
+
+    from ..registry import create_backbone
+
+    try:
+        with torch.device("meta"):
+            smallest = int(getattr(create_backbone(backbone, **(backbone_kwargs or {})), "min_input_size", 1))
+    except Exception:  # noqa: BLE001 - the command itself reports an unknown backbone or argument
+        return
+    for flag, v in given.items():
+        if v < smallest:
+            raise UsageError(flag, f"invalid value {v}: {backbone} needs inputs of at least {smallest} px")
+
+
+def check_precision(amp: str | None, device_name: str, flag: str) -> None:
+    """Raise :class:`UsageError` where ``device_name`` cannot run the mixed precision ``amp`` (bf16 / fp16)."""
+    from ..precision import check_dtype
+
+    try:
+        check_dtype(amp, device_name, flag=flag)
+    except ValueError as e:
+        raise UsageError(flag.split()[0], str(e).split(": ", 1)[-1]) from None

@@ -217,7 +217,7 @@ def test_coco_bad_image_entry(tmp_path):
     images = [{"id": 3, "file_name": "a.jpg", "width": 40, "height": 30},
               {"id": 4, "file_name": "c.jpg", "width": -1, "height": 30}]
     img_dir, ann_file = _coco(tmp_path, [_ann(1, 4, 7, [1, 1, 5, 5])], images=images, write_images=False)
-    with pytest.raises(DataError, match=r"image id 4 \(c\.jpg\): 'width' must be a positive integer"):
+    with pytest.raises(DataError, match=r"image id 4 \(c\.jpg\): 'width' must be an integer in \[1, 1048576\], got -1"):
         CocoDetection(img_dir, ann_file)
     ds = CocoDetection(img_dir, ann_file, skip_bad=True)
     assert len(ds) == 1 and ds.skipped == {"bad image entry": 1, "annotation of skipped image": 1}

@@ -91,24 +91,22 @@ FRACTION = number(0, 1, hi_open=True)  # EMA decay, label smoothing
 PROBABILITY = number(0, 1)  # score thresholds
 
 
-def existing_file(text: str) -> str:
-    """An argparse type: a path to a file that exists."""
-    p = Path(text)
-    if p.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
-    if not p.is_file():
-        raise argparse.ArgumentTypeError(f"{text!r}: no such file")
-    return text
+def _existing(want_dir: bool) -> Callable[[str], str]:
+    what, other = ("folder", "file") if want_dir else ("file", "folder")
+
+    def parse(text: str) -> str:
+        p = Path(text)
+        if p.exists() and p.is_dir() != want_dir:
+            raise argparse.ArgumentTypeError(f"{text!r} is a {other}, not a {what}")
+        if not p.exists():
+            raise argparse.ArgumentTypeError(f"{text!r}: no such {what}")
+        return text
+
+    return _typed(parse, f"existing {what}")
 
 
-def existing_dir(text: str) -> str:
-    """An argparse type: a path to a folder that exists."""
-    p = Path(text)
-    if p.is_file():
-        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
-    if not p.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r}: no such folder")
-    return text
+existing_file = _existing(False)  # an argparse type: a path to a file that exists
+existing_dir = _existing(True)  # an argparse type: a path to a folder that exists
 
 
 def file_or_url(text: str) -> str:
@@ -129,8 +127,7 @@ def device(text: str) -> str:
     return text
 
 
-for _f, _name in ((existing_file, "existing file"), (existing_dir, "existing folder"), (file_or_url, "file or URL"),
-                  (device, "device")):
+for _f, _name in ((file_or_url, "file or URL"), (device, "device")):
     _typed(_f, _name)
 
 

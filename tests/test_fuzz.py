@@ -567,7 +567,8 @@ def mutate_json(data, doc):
         if op == "splice":  # a copy of another node (type confusion: an image where an annotation goes, ...)
             value = copy.deepcopy(_get(doc, data.draw(st.sampled_from(paths), label="from")))
         else:
-            value = data.draw(JSON_VALUES, label="value")
+            # a copy: sampled_from hands out the same [] and {} to every example, and the ops below mutate in place
+            value = copy.deepcopy(data.draw(JSON_VALUES, label="value"))
         if op == "field":  # a field of an image, annotation or category entry, set to a value typed for it
             kind = data.draw(st.sampled_from(["images", "annotations", "images", "annotations", "categories"]))
             listed = doc.get(kind) if isinstance(doc, dict) else None
@@ -576,7 +577,8 @@ def mutate_json(data, doc):
                 key = data.draw(st.sampled_from(_ENTRY_FIELDS[kind]), label="field")
                 typed = {"file_name": _NASTY_NAMES, "name": _NASTY_NAMES,
                          "bbox": st.lists(_NASTY_NUMBERS | _NUMBERS, min_size=4, max_size=4)}.get(key, _NASTY_NUMBERS)
-                data.draw(st.sampled_from(entries), label="entry")[key] = data.draw(typed | JSON_VALUES, label="to")
+                entry = data.draw(st.sampled_from(entries), label="entry")
+                entry[key] = copy.deepcopy(data.draw(typed | JSON_VALUES, label="to"))
             continue
         if not path:
             doc = value if op in ("replace", "splice") else doc

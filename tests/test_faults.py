@@ -236,3 +236,23 @@ def test_a_second_run_on_a_busy_folder_refuses(shapes, tmp_path, capsys):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
         proc.stdout.close()
+
+
+def test_disk_full_while_writing_the_metrics(shapes, tmp_path, monkeypatch, capsys):
+    """The same for the other run-folder files (metrics.csv here): one line naming the file and the last checkpoint,
+    no traceback."""
+    import vertebra._io as io_mod
+    import vertebra.engine.records as records
+
+    def full(path, data):
+        if Path(path).name == "metrics.csv":
+            raise OSError(errno.ENOSPC, f"cannot write {path}: {os.strerror(errno.ENOSPC)}", str(path))
+        return io_mod.atomic_write(path, data)
+
+    monkeypatch.setattr(records, "atomic_write", full)
+    run = tmp_path / "run"
+    assert main(train_args(shapes, run)) == 2
+    line = " ".join(capsys.readouterr().err.split())
+    assert "metrics.csv" in line and "No space left on device" in line and "Traceback" not in line, line
+    assert f"the last complete checkpoint is {run / 'last.safetensors'}" in line
+    assert load_checkpoint(run / "last.safetensors").state["step"] == 4

@@ -318,7 +318,7 @@ def _where() -> str:
 
 
 def cmd_train(args) -> int:
-    from .._io import RunLockedError
+    from .._io import DISK_FULL_ERRNOS, RunLockedError
     from ..data import DataError
     from ..engine.checkpoint import CheckpointError
     from ..engine.distributed import cleanup_distributed, is_main_process
@@ -346,6 +346,10 @@ def cmd_train(args) -> int:
         print_error(e.args[0] if isinstance(e, KeyError) and e.args else e, label=f"error{_where()}")
         return EXIT_ERROR
     except Exception as e:  # a crash: say which process, then let the traceback (and torchrun's report) follow
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:  # metrics.csv, loss.png, config.json: one line
+            last = f"; the last complete checkpoint is {trainer.run_dir / 'last.safetensors'}" if trainer else ""
+            print_error(f"{e}{last}", label=f"error{_where()}")
+            return EXIT_ERROR
         if _where():
             print_error(f"{type(e).__name__}: {e}", label=f"failed{_where()}")
         raise

@@ -60,11 +60,13 @@ def test_contract(name):
     model.eval()
     with torch.no_grad():
         assert model(x).shape == (2, 7), "eval mode returns the logits alone"
-        feats = model.forward_features(x)
-    info = model.feature_info
-    assert len(feats) == len(info) >= 1
-    assert [f.shape[1] for f in feats] == [i.channels for i in info]
+        final, feats = model.forward_intermediates(x)
+        last = model.forward_features(x)
+    info = model.feature_info  # a classifier's: every stage
+    assert len(feats) == len(info) == len(model.stage_info) >= 1
+    assert [f.shape[1] for f in feats] == info.channels()
     assert all(b.stride > a.stride for a, b in zip(info, info[1:]))
+    assert torch.equal(final, feats[-1]) and torch.equal(last, feats[-1]) and last.shape[1] == model.num_features
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -83,6 +85,32 @@ def test_strides_at_paper_size(name):
         # the stride itself is exact: 64 more input pixels give 64 / stride more feature pixels
         exact = g.shape[-2] - fh == 64 // info.stride
         assert exact or 0.85 * h / info.stride - 1 <= fh, (info, tuple(f.shape), tuple(g.shape))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_reset_classifier(name):
+    """timm's reset_classifier on every network (built on meta: shapes only): n classes, then 0 (the pooled
+    pre-logits features, head_hidden_size wide, what forward_head(pre_logits=True) gives), then n again;
+    get_classifier is the new module, its parameters freshly made; the auxiliary classifiers follow."""
+    spec = vertebra.backbone_spec(name)
+    with torch.device("meta"):
+        model = vertebra.create_backbone(name).eval()
+    s = small_size(model)
+    x = torch.empty(2, spec.input_size[0], s, s, device="meta")
+    old = model.get_classifier()
+    model.reset_classifier(7)
+    new = model.get_classifier()
+    assert new is not old and model.num_classes == 7
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert model(x).shape == (2, 7)
+    f = model.forward_features(x)  # the heads run on it: one pass through the body
+    model.reset_classifier(0)
+    assert isinstance(model.get_classifier(), torch.nn.Identity) and model.num_classes == 0
+    assert model.forward_head(f).shape == model.forward_head(f, pre_logits=True).shape == (2, model.head_hidden_size)
+    model.reset_classifier(3)
+    assert model.forward_head(f).shape == (2, 3)
+    for aux in getattr(model, "aux_heads", None) or ():
+        assert aux.get_classifier().out_features == 3
 
 
 # Rows of the facts table whose figure is not the paper's network. Each is explained and strict:
@@ -150,7 +178,7 @@ def test_twin_equal(name, reference):
         # the features_only model loads the same state_dict (its head keys are dropped)
         fo = build(name, features_only=True, **kw).eval()
         vertebra.load_reference_weights(fo, twin.state_dict(), source=source)
-        for a, b in zip(fo(x), model.forward_features(x)):
+        for a, b in zip(fo(x), model.forward_intermediates(x, intermediates_only=True)):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

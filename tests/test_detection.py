@@ -409,7 +409,7 @@ class _Stride16(Backbone):
         r = vertebra.create_backbone("resnet18", features_only=True)
         self.conv1, self.maxpool, self.layer1, self.layer2, self.layer3 = (r.conv1, r.maxpool, r.layer1, r.layer2,
                                                                            r.layer3)
-        self.feature_info = r.feature_info[:4]
+        self.stage_info = r.stage_info[:4]
 
     def stages(self, x):
         x = self.conv1(x)

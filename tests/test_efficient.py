@@ -202,7 +202,8 @@ def test_condense_equals_masked_network(name, condense_fc):
     size = 32 if name.endswith("cifar") else 64
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
-        for a, b in zip(net.forward_features(x), train_net.forward_features(x)):
+        for a, b in zip(net.forward_intermediates(x, intermediates_only=True),
+                        train_net.forward_intermediates(x, intermediates_only=True)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         if condense_fc:
             # the masked training network: the FC columns the condensed classifier dropped are zero

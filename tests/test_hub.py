@@ -141,11 +141,12 @@ def test_pretrained_resnet18_is_the_twins_network(weights_server, monkeypatch, c
         with caplog.at_level(logging.WARNING, logger="vertebra.hub"):
             ten = vertebra.create_backbone("resnet18", pretrained=True, num_classes=10).eval()
         assert ten.num_classes == 10 and "1000-class classifier" in caplog.text and "10-class" in caplog.text
-        torch.testing.assert_close(ten.forward_head(ten.forward_features(x)[-1]).shape, torch.Size([2, 10]))
-        for a, b in zip(ten.forward_features(x), model.forward_features(x)):
+        torch.testing.assert_close(ten.forward_head(ten.forward_features(x)).shape, torch.Size([2, 10]))
+        for a, b in zip(ten.forward_intermediates(x, intermediates_only=True),
+                        model.forward_intermediates(x, intermediates_only=True)):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
         body = vertebra.create_backbone("resnet18", pretrained=w.tag, features_only=True, out_strides=(8, 16, 32))
-        for a, b in zip(body.eval()(x), model.forward_features(x)[-3:]):
+        for a, b in zip(body.eval()(x), model.forward_intermediates(x, indices=3, intermediates_only=True)):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert weights_server.requests == [_served_path(w)]  # downloaded once, then read from the cache
 

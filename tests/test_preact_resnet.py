@@ -39,7 +39,7 @@ def test_unit_is_pre_activation():
     hooks = [getattr(model, f"layer{i}").register_forward_hook(lambda m, a, o, i=i: raw.__setitem__(i, o))
              for i in range(1, 5)]
     with torch.no_grad():
-        feats = model.forward_features(x)
+        feats = model.forward_intermediates(x, intermediates_only=True)
     for h in hooks:
         h.remove()
     assert all(raw[i].min() < 0 for i in range(1, 5)), "a pre-activation stage output can be negative"
@@ -106,7 +106,7 @@ def test_features_only_matches_classification_trunk():
     fo.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("head.")})
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        a, b = fo(x), model.forward_features(x)
+        a, b = fo(x), model.forward_intermediates(x, intermediates_only=True)
     assert [f.shape[1] for f in a] == [128, 256]
     torch.testing.assert_close(a[0], b[2], rtol=0, atol=0)
     torch.testing.assert_close(a[1], b[3], rtol=0, atol=0)

@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import pkgutil
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .reference import facts_for
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "NORMALIZATION", "BackboneSpec", "register", "list_backbones",
-           "list_families", "list_models", "backbone_spec", "create_backbone"]
+           "list_families", "list_models", "backbone_spec", "create_backbone", "create_model", "closest_names",
+           "check_kwargs", "builder_arguments"]
 
 
 #: the per-channel statistics of each training set, for input normalisation (RGB, 0..1 pixels)
@@ -193,6 +196,36 @@ def _lookup(name: str) -> tuple[BackboneSpec, Callable]:
     return _REGISTRY[name]
 
 
+def _natural_key(name: str) -> list:
+    """timm's natural order: "resnet18" < "resnet34" < "resnet101" (digit runs compare as numbers)."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def closest_names(name: str, valid, n: int = 4) -> list[str]:
+    """The valid names closest to ``name`` (difflib), best first."""
+    valid = sorted(set(valid))
+    close = difflib.get_close_matches(name, valid, n=n, cutoff=0.6)
+    if len(close) < n:  # a prefix or a part of the name (out_ind, fpn) also counts
+        close += [v for v in valid if v not in close and (v.startswith(name[:4]) or name in v)][: n - len(close)]
+    return close or difflib.get_close_matches(name, valid, n=n, cutoff=0.0)
+
+
+class UnknownArgumentError(TypeError, ValueError):
+    """A keyword a builder does not take; the message names the closest valid ones. A TypeError as Python's own, and
+    a ValueError so that the command line reports it in one line (``--backbone-kw`` / ``--detector-kw``)."""
+
+
+def check_kwargs(where: str, given, valid) -> None:
+    """Raise UnknownArgumentError naming the first of ``given`` not in ``valid`` and the closest valid names."""
+    valid = set(valid)
+    unknown = [k for k in given if k not in valid]
+    if unknown:
+        k = unknown[0]
+        more = f" (and {', '.join(map(repr, unknown[1:]))})" if len(unknown) > 1 else ""
+        raise UnknownArgumentError(f"{where}: unknown argument {k!r}{more}; closest: "
+                                   f"{', '.join(closest_names(k, valid))}")
+
+
 def list_backbones(family: str | None = None) -> list[str]:
     """Sorted registry names, optionally of one family (case-insensitive)."""
     _load_all()
@@ -205,18 +238,22 @@ def list_backbones(family: str | None = None) -> list[str]:
     return names
 
 
-def list_models(pattern: str = "*", pretrained: bool = False, exclude: str | None = None) -> list[str]:
-    """timm's spelling: the sorted registry names that match the wildcard ``pattern`` (fnmatch: ``"resnet*"``;
-    a list of patterns also works), only those with published weights if ``pretrained``."""
+def list_models(pattern: str | Sequence[str] = "*", pretrained: bool = False,
+                exclude: str | Sequence[str] | None = None) -> list[str]:
+    """timm's ``list_models``: the registry names that match the wildcard ``pattern`` (fnmatch: ``"resnet*"``,
+    ``"*net*"``; a list of patterns also works), minus those matching ``exclude``, only those with published
+    weights if ``pretrained``; in timm's natural order (resnet18, resnet34, ..., resnet101)."""
     import fnmatch
 
     from .hub import has_weights
 
     patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    excludes = [] if not exclude else [exclude] if isinstance(exclude, str) else list(exclude)
     names = [n for n in list_backbones() if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-    if exclude:
-        names = [n for n in names if not fnmatch.fnmatchcase(n, exclude)]
-    return [n for n in names if has_weights(n)] if pretrained else names
+    names = [n for n in names if not any(fnmatch.fnmatchcase(n, e) for e in excludes)]
+    if pretrained:
+        names = [n for n in names if has_weights(n)]
+    return sorted(names, key=_natural_key)
 
 
 def list_families() -> list[str]:
@@ -229,6 +266,43 @@ def backbone_spec(name: str) -> BackboneSpec:
     return _lookup(name)[0]
 
 
+_OWN_ARGS = ("num_classes", "in_chans", "features_only", "out_strides", "out_indices", "drop_path_rate", "pretrained",
+             "weights", "checkpoint_path")
+
+
+def _params(fn) -> tuple[set[str], bool]:
+    """The keyword names ``fn`` takes and whether it also takes ``**kwargs``."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return set(), True
+    names = {p.name for p in sig.parameters.values()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"}
+    return names, any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+
+
+def builder_arguments(name: str) -> set[str] | None:
+    """The architecture keywords the builder of ``name`` takes (its own and those of the class it returns, when
+    it passes ``**kwargs`` on to it); None if they cannot be known."""
+    _, builder = _lookup(name)
+    names, var = _params(builder)
+    if var:
+        ret = inspect.signature(builder).return_annotation
+        cls = builder.__globals__.get(ret) if isinstance(ret, str) else ret
+        if not isinstance(cls, type):
+            return None
+        for klass in cls.__mro__:  # a constructor that passes **kwargs on to its base's
+            if "__init__" not in vars(klass):
+                continue
+            more, var = _params(klass.__init__)
+            names |= more
+            if not var:
+                break
+        if var:
+            return None
+    return names - {"num_classes", "in_chans"}
+
+
 def create_backbone(
     name: str,
     *,
@@ -239,9 +313,11 @@ def create_backbone(
     drop_path_rate: float | None = None,
     pretrained=False,
     weights=None,
+    out_indices=None,
+    checkpoint_path=None,
     **arch_kwargs,
 ):
-    """Build a registered network.
+    """Build a registered network (``vertebra.create_model`` is the same function, timm's spelling).
 
     ``num_classes`` defaults to the paper's dataset (1000 for ImageNet, 10 for CIFAR-10 and
     MNIST), or to the class count of the ``pretrained`` weights; ``in_chans`` to the paper's input
@@ -256,8 +332,21 @@ def create_backbone(
     is the entry (its ``mean`` / ``std`` / ``input_size`` are the preprocessing they expect).
     ``weights`` is a path or an http(s) URL of a checkpoint instead: vertebra's own, or a
     torchvision/timm state_dict of the network's twin.
+
+    timm's names work too: ``out_indices`` (stage indices into ``stage_info``, negatives from the end; instead of
+    ``out_strides``) and ``checkpoint_path`` (= ``weights``). Any other keyword must be one of the network's
+    architecture arguments (``depth``, ``drop_rate``, ...): an unknown one raises TypeError naming the closest.
     """
     spec, builder = _lookup(name)
+    if checkpoint_path is not None:
+        if weights is not None:
+            raise ValueError("give weights or checkpoint_path (timm's name for it), not both")
+        weights = checkpoint_path
+    if out_indices is not None and out_strides is not None:
+        raise ValueError("give out_strides or out_indices (timm's stage indices), not both")
+    arch = builder_arguments(name)
+    if arch is not None:
+        check_kwargs(f"create_backbone({name!r})", arch_kwargs, arch | set(_OWN_ARGS))
     w = None
     if pretrained is not None and pretrained is not False:
         if weights is not None:
@@ -283,9 +372,17 @@ def create_backbone(
     default_classes = spec.num_classes if w is None else w.num_classes
     n = default_classes if num_classes is None else num_classes
     c = spec.input_size[0] if in_chans is None else in_chans
-    model = builder(num_classes=n, in_chans=c, **kwargs)
+    try:
+        model = builder(num_classes=n, in_chans=c, **kwargs)
+    except TypeError as e:
+        bad = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if bad is None or bad[1] not in arch_kwargs:
+            raise
+        known = set(_OWN_ARGS) | set(spec.defaults) | (arch or set())
+        raise UnknownArgumentError(f"create_backbone({name!r}): unknown argument {bad[1]!r}; closest: "
+                        f"{', '.join(closest_names(bad[1], known - {bad[1]}))}") from None
     model.spec = spec
-    model.configure_outputs(features_only=features_only, out_strides=out_strides)
+    model.configure_outputs(features_only=features_only, out_strides=out_strides, out_indices=out_indices)
     if w is not None:
         from .hub import load_pretrained
 
@@ -301,3 +398,7 @@ def create_backbone(
 
         load_weights(model, weights)
     return model
+
+
+#: timm's name for :func:`create_backbone`
+create_model = create_backbone

@@ -74,7 +74,7 @@ class AlexNet(Backbone):
         self.conv4 = conv_relu(c3, c4, 3, 1, 1, g4)
         self.conv5 = conv_relu(c4, c5, 3, 1, 1, g5)
         self.pool5 = nn.MaxPool2d(3, 2)
-        self.feature_info = [FeatureInfo("conv1", c1, 4), FeatureInfo("conv2", c2, 8), FeatureInfo("conv5", c5, 16),
+        self.stage_info = [FeatureInfo("conv1", c1, 4), FeatureInfo("conv2", c2, 8), FeatureInfo("conv5", c5, 16),
                              FeatureInfo("pool5", c5, 32)]
         self.head = FCHead(c5, num_classes, pool_size=6, hidden=4096, drop_rate=drop_rate,
                            dropout_first=layout == "torchvision")

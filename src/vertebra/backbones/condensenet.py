@@ -58,6 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from ..backbone import Backbone, FeatureInfo
+from ..layers.heads import ResettableHead
 from ..layers.learned_group_conv import CondensedGroupConv, LearnedGroupConv, condensation_stage
 from ..registry import register
 
@@ -104,11 +105,13 @@ class CondensedLinear(nn.Module):
         return self.fc(x.index_select(1, self.index))
 
 
-class CondenseHead(nn.Module):
+class CondenseHead(ResettableHead):
     """global average pool -> flatten -> FC (full, or condensed to half its inputs)."""
 
     def __init__(self, in_ch: int, num_classes: int, condensed_fc: bool) -> None:
         super().__init__()
+        self.num_features = in_ch
+        self.condensed_fc = bool(condensed_fc)
         self.pool = nn.AdaptiveAvgPool2d(1)
         if num_classes <= 0:
             self.fc = nn.Identity()
@@ -117,8 +120,14 @@ class CondenseHead(nn.Module):
         else:
             self.fc = nn.Linear(in_ch, num_classes)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.pool(x).flatten(1))
+    def make_classifier(self, num_classes: int) -> nn.Module:
+        if num_classes > 0 and self.condensed_fc:
+            return CondensedLinear(self.num_features, num_classes, self.num_features // 2)
+        return super().make_classifier(num_classes)
+
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.pool(x).flatten(1)
+        return x if pre_logits else self.fc(x)
 
 
 class CondenseNet(Backbone):
@@ -141,7 +150,7 @@ class CondenseNet(Backbone):
                 block.append(CondenseLayer(ch, k, groups, groups, condense_factor, bottleneck, condensed, drop_rate))
                 ch += k
             self.add_module(f"block{i + 1}", nn.Sequential(*block))
-            self.feature_info.append(FeatureInfo(f"block{i + 1}", ch, stem_stride * 2**i))
+            self.stage_info.append(FeatureInfo(f"block{i + 1}", ch, stem_stride * 2**i))
         self.norm = nn.BatchNorm2d(ch)
         self.act = nn.ReLU(inplace=True)
         self.head = CondenseHead(ch, num_classes, condensed and condense_fc)
@@ -160,7 +169,7 @@ class CondenseNet(Backbone):
 
     def stages(self, x: Tensor):
         x = self.stem(x)
-        blocks = [getattr(self, f"block{i + 1}") for i in range(len(self.feature_info))]
+        blocks = [getattr(self, f"block{i + 1}") for i in range(len(self.stage_info))]
         for i, block in enumerate(blocks):
             if i:
                 x = self.pool(x)
@@ -226,7 +235,7 @@ def condense(model: CondenseNet) -> CondenseNet:
     elif src.head is not None:
         new.head.load_state_dict(src.head.state_dict())
     new.configure_outputs(features_only=model.features_only,
-                          out_strides=[model.feature_info[i].stride for i in model.out_indices])
+                          out_strides=[model.stage_info[i].stride for i in model.out_indices])
     return new.train(model.training)
 
 

@@ -138,14 +138,14 @@ class DenseNet(Backbone):
         else:
             self.conv0 = ConvBnAct(in_chans, ch, 7, 2, 3)
             self.pool0 = nn.MaxPool2d(3, 2, 1)
-            self.feature_info.append(FeatureInfo("conv0", ch, 2))
+            self.stage_info.append(FeatureInfo("conv0", ch, 2))
         first_stride = 1 if cifar else 4
         n = len(block_config)
         for i, layers in enumerate(block_config):
             block = DenseBlock(layers, ch, growth_rate, bn_size, drop_rate, memory_efficient)
             self.add_module(f"denseblock{i + 1}", block)
             ch = block.out_channels
-            self.feature_info.append(FeatureInfo(f"denseblock{i + 1}", ch, first_stride * 2**i))
+            self.stage_info.append(FeatureInfo(f"denseblock{i + 1}", ch, first_stride * 2**i))
             if i != n - 1:
                 out = int(ch * compression)
                 self.add_module(f"transition{i + 1}", Transition(ch, out))

@@ -89,7 +89,7 @@ class DPN(Backbone):
         k = 3 if small else 7
         self.stem = ConvBnAct(in_chans, num_init_features, k, 2, bn_eps=_EPS)
         self.pool = nn.MaxPool2d(3, 2, 1)
-        self.feature_info = [FeatureInfo("stem", num_init_features, 2)]
+        self.stage_info = [FeatureInfo("stem", num_init_features, 2)]
         bw_factor = 1 if small else 4
         rates = iter(drop_path_rates(drop_path_rate, sum(k_sec)))
         in_ch = num_init_features
@@ -102,7 +102,7 @@ class DPN(Backbone):
                 blocks.append(DualPathBlock(in_ch, mid, bw, inc, groups, "normal", next(rates)))
                 in_ch += inc
             self.add_module(f"stage{i + 1}", nn.Sequential(*blocks))
-            self.feature_info.append(FeatureInfo(f"stage{i + 1}", in_ch, 4 * 2**i))
+            self.stage_info.append(FeatureInfo(f"stage{i + 1}", in_ch, 4 * 2**i))
         self.final_bn = nn.BatchNorm2d(in_ch, eps=_EPS)
         self.final_act = nn.ReLU(inplace=True)
         self.head = ClassifierHead(in_ch, num_classes, drop_rate)

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from ..backbone import FeatureInfo, init_weights
 from ..layers import ClassifierHead, ConvBnAct
+from ..layers.heads import ResettableHead
 from ..layers.inception import AuxBackbone, Concat, cbr
 from ..registry import register
 
@@ -76,8 +77,11 @@ def inception_v1_module(in_ch: int, cfg, bn: bool) -> Concat:
     )
 
 
-class GoogLeNetAux(nn.Module):
-    """Auxiliary classifier: 5x5/3 avg pool (4x4 out at 14x14), 1x1 conv 128, FC 1024, dropout, FC."""
+class GoogLeNetAux(ResettableHead):
+    """Auxiliary classifier: 5x5/3 avg pool (4x4 out at 14x14), 1x1 conv 128, FC 1024, dropout, FC (``fc2``)."""
+
+    classifier_name = "fc2"
+    num_features = 1024
 
     def __init__(self, in_ch: int, num_classes: int, bn: bool, drop_rate: float = 0.7, adaptive: bool = False):
         super().__init__()
@@ -122,7 +126,7 @@ class GoogLeNet(AuxBackbone):
                 self.pool3 = nn.MaxPool2d(3, 2, ceil_mode=True)
             if name == "4e":
                 self.pool4 = nn.MaxPool2d(2, 2, ceil_mode=True) if bn else nn.MaxPool2d(3, 2, ceil_mode=True)
-        self.feature_info = [FeatureInfo("conv1", 64, 2), FeatureInfo("conv3", 192, 4),
+        self.stage_info = [FeatureInfo("conv1", 64, 2), FeatureInfo("conv3", 192, 4),
                              FeatureInfo("inception3b", 480, 8), FeatureInfo("inception4e", 832, 16),
                              FeatureInfo("inception5b", 1024, 32)]
         self.aux_heads = None

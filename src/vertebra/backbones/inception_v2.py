@@ -105,7 +105,7 @@ class BNInception(Backbone):
             mod, in_ch = bn_inception_module(in_ch, cfg)
             self.add_module(f"inception{name}", mod)
             chans[name] = in_ch
-        self.feature_info = [FeatureInfo("conv1", 64, 2), FeatureInfo("conv3", 192, 4),
+        self.stage_info = [FeatureInfo("conv1", 64, 2), FeatureInfo("conv3", 192, 4),
                              FeatureInfo("inception3b", chans["3b"], 8), FeatureInfo("inception4d", chans["4d"], 16),
                              FeatureInfo("inception5b", chans["5b"], 32)]
         self.head = ClassifierHead(in_ch, num_classes, drop_rate)
@@ -147,7 +147,7 @@ class InceptionV2(Backbone):
         self.mixed_17 = nn.Sequential(*[inception_b(768, c7) for c7 in (128, 160, 160, 160, 192)])
         self.reduce_17 = reduction_17(768)       # 8x8x1280
         self.mixed_8 = nn.Sequential(inception_c(1280), inception_c(2048))
-        self.feature_info = [FeatureInfo("conv3", 64, 2), FeatureInfo("conv4", 80, 4), FeatureInfo("mixed_35", 288, 8),
+        self.stage_info = [FeatureInfo("conv3", 64, 2), FeatureInfo("conv4", 80, 4), FeatureInfo("mixed_35", 288, 8),
                              FeatureInfo("mixed_17", 768, 16), FeatureInfo("mixed_8", 2048, 32)]
         self.head = ClassifierHead(2048, num_classes, drop_rate)
         init_weights(self)

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from ..backbone import FeatureInfo, init_weights
 from ..layers import ClassifierHead
+from ..layers.heads import ResettableHead
 from ..layers.inception import (
     AuxBackbone,
     cbr,
@@ -59,8 +60,10 @@ _RETHINK = dict(family="Inception", paper="Rethinking the Inception Architecture
                 year=2015, arxiv="1512.00567")
 
 
-class InceptionV3Aux(nn.Module):
+class InceptionV3Aux(ResettableHead):
     """The BN auxiliary classifier on the 17x17 grid."""
+
+    num_features = 768
 
     def __init__(self, in_ch: int, num_classes: int):
         super().__init__()
@@ -96,7 +99,7 @@ class InceptionV3(AuxBackbone):
         self.Mixed_7a = reduction_17(768)
         self.Mixed_7b = inception_c(1280)
         self.Mixed_7c = inception_c(2048)
-        self.feature_info = [FeatureInfo("Conv2d_2b_3x3", 64, 2), FeatureInfo("Conv2d_4a_3x3", 192, 4),
+        self.stage_info = [FeatureInfo("Conv2d_2b_3x3", 64, 2), FeatureInfo("Conv2d_4a_3x3", 192, 4),
                              FeatureInfo("Mixed_5d", 288, 8), FeatureInfo("Mixed_6e", 768, 16),
                              FeatureInfo("Mixed_7c", 2048, 32)]
         self.aux_heads = nn.ModuleList([InceptionV3Aux(768, num_classes)]) if aux_logits else None

@@ -119,7 +119,7 @@ class InceptionV4(Backbone):
         self.blocks_b = nn.Sequential(*[inception_b() for _ in range(7)])
         self.reduction_b = reduction_b_v4()
         self.blocks_c = nn.Sequential(*[inception_c() for _ in range(3)])
-        self.feature_info = [FeatureInfo("stem", 64, 2), FeatureInfo("mixed_3a", 160, 4),
+        self.stage_info = [FeatureInfo("stem", 64, 2), FeatureInfo("mixed_3a", 160, 4),
                              FeatureInfo("blocks_a", 384, 8), FeatureInfo("blocks_b", 1024, 16),
                              FeatureInfo("blocks_c", 1536, 32)]
         self.head = ClassifierHead(1536, num_classes, drop_rate)
@@ -243,7 +243,7 @@ class InceptionResNet(Backbone):
         self.blocks_c = nn.Sequential(*blocks_c)
         self.conv_last = _c(c8, 1536, 1) if released else nn.Identity()
         out = 1536 if released else c8
-        self.feature_info = [FeatureInfo("stem", 64, 2), FeatureInfo("stem_s4", s4_ch, 4),
+        self.stage_info = [FeatureInfo("stem", 64, 2), FeatureInfo("stem_s4", s4_ch, 4),
                              FeatureInfo("blocks_a", c35, 8), FeatureInfo("blocks_b", c17, 16),
                              FeatureInfo("blocks_c", out, 32)]
         self.head = ClassifierHead(out, num_classes, drop_rate)

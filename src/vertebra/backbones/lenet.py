@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbone import Backbone, FeatureInfo
+from ..layers.heads import ResettableHead
 from ..registry import register
 
 __all__ = ["LeNet5", "C3_TABLE", "digit_codes"]
@@ -154,18 +155,26 @@ class EuclideanRBF(nn.Module):
         return -(x.unsqueeze(1) - self.centres).square().sum(-1)
 
 
-class LeNetHead(nn.Module):
-    """Adaptive average pool to 1x1 (identity at 32x32) -> F6 (84, scaled tanh) -> RBF output."""
+class LeNetHead(ResettableHead):
+    """Adaptive average pool to 1x1 (identity at 32x32) -> F6 (84, scaled tanh) -> RBF output (the classifier:
+    ``rbf``, fixed centres, one code per class)."""
+
+    classifier_name = "rbf"
 
     def __init__(self, in_ch: int, num_classes: int) -> None:
         super().__init__()
+        self.num_features = 84
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.f6 = nn.Linear(in_ch, 84)
         self.act = ScaledTanh()
         self.rbf = EuclideanRBF(torch.tensor(digit_codes(num_classes))) if num_classes > 0 else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.rbf(self.act(self.f6(self.pool(x).flatten(1))))
+    def make_classifier(self, num_classes: int) -> nn.Module:
+        return EuclideanRBF(torch.tensor(digit_codes(num_classes))) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.act(self.f6(self.pool(x).flatten(1)))
+        return x if pre_logits else self.rbf(x)
 
 
 class LeNet5(Backbone):
@@ -179,7 +188,7 @@ class LeNet5(Backbone):
         self.s4 = Subsampling(16)
         self.c5 = nn.Conv2d(16, 120, 5)
         self.act = ScaledTanh()
-        self.feature_info = [FeatureInfo("c1", 6, 1), FeatureInfo("c3", 16, 2), FeatureInfo("c5", 120, 4)]
+        self.stage_info = [FeatureInfo("c1", 6, 1), FeatureInfo("c3", 16, 2), FeatureInfo("c5", 120, 4)]
         self.head = LeNetHead(120, num_classes)
         self.reset_parameters()
 

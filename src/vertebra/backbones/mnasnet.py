@@ -69,7 +69,7 @@ class MnasNet(Backbone):
                                                    drop_path=next(rates)))
                     in_ch = ch(c)
             self.add_module(f"stage{i + 1}", nn.Sequential(*blocks))
-            self.feature_info.append(FeatureInfo(f"stage{i + 1}", in_ch, 2 ** (i + 1)))
+            self.stage_info.append(FeatureInfo(f"stage{i + 1}", in_ch, 2 ** (i + 1)))
         self.head = ConvClassifierHead(in_ch, 1280, num_classes, drop_rate, act=nn.ReLU)
         self._init()
 

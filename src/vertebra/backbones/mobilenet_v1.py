@@ -67,7 +67,7 @@ class MobileNetV1(Backbone):
                 blocks.append(DepthwiseSeparable(in_ch, ch(c), s, act_layer))
                 in_ch = ch(c)
             self.add_module(f"stage{i + 1}", nn.Sequential(*blocks))
-            self.feature_info.append(FeatureInfo(f"stage{i + 1}", in_ch, 2 ** (i + 1)))
+            self.stage_info.append(FeatureInfo(f"stage{i + 1}", in_ch, 2 ** (i + 1)))
         self.head = ClassifierHead(in_ch, num_classes, drop_rate)
         init_weights(self)
 

@@ -53,7 +53,7 @@ class MobileNetV2(Backbone):
                                                    drop_path=next(rates)))
                     in_ch = out_ch
             self.add_module(f"stage{i + 1}", nn.Sequential(*blocks))
-            self.feature_info.append(FeatureInfo(f"stage{i + 1}", in_ch, 2 ** (i + 1)))
+            self.stage_info.append(FeatureInfo(f"stage{i + 1}", in_ch, 2 ** (i + 1)))
         last = make_divisible(1280 * max(1.0, width_mult), round_nearest)
         self.head = ConvClassifierHead(in_ch, last, num_classes, drop_rate, act=nn.ReLU6)
         self._init()

@@ -187,7 +187,7 @@ class PolyNet(Backbone):
             max_pool(),
         )
         self.stage_c = mixed(_C, n_c)
-        self.feature_info = [FeatureInfo("stem", 64, 2), FeatureInfo("stem_s4", 160, 4),
+        self.stage_info = [FeatureInfo("stem", 64, 2), FeatureInfo("stem_s4", 160, 4),
                              FeatureInfo("stage_a", 384, 8), FeatureInfo("stage_b", 1152, 16),
                              FeatureInfo("stage_c", 2048, 32)]
         self.head = ClassifierHead(2048, num_classes, drop_rate)

@@ -35,7 +35,7 @@ strides the first 1x1 convolution of a downsampling unit (and its shortcut), so 
 default to ``stride_in_1x1=True``. CIFAR networks keep full resolution in their first stage:
 their features are at strides 1, 2, 4 and never reach stride 8.
 
-Features (``feature_info``): ImageNet ``conv1`` (64, s2), ``layer1`` ... ``layer4`` (s4 ... s32);
+Features (``stage_info``): ImageNet ``conv1`` (64, s2), ``layer1`` ... ``layer4`` (s4 ... s32);
 CIFAR ``layer1`` ... ``layer3`` (s1, s2, s4). A pre-activation stage's raw output is the
 un-normalised sum of residuals, so every stage output yielded here is taken after that stage's
 BN+ReLU (``norm{i}`` + ReLU): for the last stage that is the network's final BN+ReLU; for the
@@ -119,7 +119,7 @@ class PreActResNet(Backbone):
                 self.conv1 = nn.Sequential(OrderedDict(conv=self.conv1.conv, pool=self.maxpool, bn=self.conv1.bn,
                                                        act=self.conv1.act))
                 self.maxpool = None
-            self.feature_info = [FeatureInfo("conv1", in_ch, 2)]
+            self.stage_info = [FeatureInfo("conv1", in_ch, 2)]
             stride0 = 4
         rates = iter(drop_path_rates(drop_path_rate, sum(layers)))
         for i, (n, width) in enumerate(zip(layers, widths)):
@@ -133,7 +133,7 @@ class PreActResNet(Backbone):
             # BN over this stage's output: the next stage's shared pre-activation, or the
             # network's final BN after the last stage
             self.add_module(f"norm{i + 1}", nn.BatchNorm2d(in_ch))
-            self.feature_info.append(FeatureInfo(f"layer{i + 1}", in_ch, stride0 * 2**i))
+            self.stage_info.append(FeatureInfo(f"layer{i + 1}", in_ch, stride0 * 2**i))
         self.num_stages = len(layers)
         self.act = nn.ReLU(inplace=True)
         self.head = ClassifierHead(in_ch, num_classes, drop_rate)

@@ -132,7 +132,7 @@ class PyramidNet(Backbone):
             start = 64
             self.stem = ConvBnAct(in_chans, start, 7, 2, 3)
             self.pool = nn.MaxPool2d(3, 2, 1)
-            self.feature_info.append(FeatureInfo("stem", start, 2))
+            self.stage_info.append(FeatureInfo("stem", start, 2))
             strides = (4, 8, 16, 32)
         widths = iter(_widths(start, alpha, sum(layers)))
         rates = iter(drop_path_rates(drop_path_rate, sum(layers)))
@@ -144,7 +144,7 @@ class PyramidNet(Backbone):
                 in_ch = unit.out_channels
                 units.append(unit)
             self.add_module(f"layer{i + 1}", nn.Sequential(*units))
-            self.feature_info.append(FeatureInfo(f"layer{i + 1}", in_ch, strides[i]))
+            self.stage_info.append(FeatureInfo(f"layer{i + 1}", in_ch, strides[i]))
         self.final_bn = nn.BatchNorm2d(in_ch)
         self.final_act = nn.ReLU(inplace=True)
         self.head = ClassifierHead(in_ch, num_classes, drop_rate)
@@ -155,7 +155,7 @@ class PyramidNet(Backbone):
         if not self.cifar:
             yield x
             x = self.pool(x)
-        n = len(self.feature_info) - (0 if self.cifar else 1)
+        n = len(self.stage_info) - (0 if self.cifar else 1)
         for i in range(1, n + 1):
             x = getattr(self, f"layer{i}")(x)
             if i == n:

@@ -121,7 +121,7 @@ class ResidualAttentionNet(Backbone):
             stem_ch, widths, strides = 64, (256, 512, 1024, 2048), (4, 8, 16, 32)
             self.stem = ConvBnAct(in_chans, stem_ch, 7, 2, 3)
             self.pool = nn.MaxPool2d(3, 2, 1)
-            self.feature_info.append(FeatureInfo("stem", stem_ch, 2))
+            self.stage_info.append(FeatureInfo("stem", stem_ch, 2))
         in_ch = stem_ch
         for i, ch in enumerate(widths):
             blocks: list[nn.Module] = [PreActBottleneck(in_ch, ch // 4, 1 if i == 0 else 2, 0.0, next(rates))]
@@ -131,7 +131,7 @@ class ResidualAttentionNet(Backbone):
                 blocks += list(_units(ch, 2, rates))
             in_ch = ch
             self.add_module(f"stage{i + 1}", nn.Sequential(*blocks))
-            self.feature_info.append(FeatureInfo(f"stage{i + 1}", ch, strides[i]))
+            self.stage_info.append(FeatureInfo(f"stage{i + 1}", ch, strides[i]))
         self.final_bn = nn.BatchNorm2d(in_ch)
         self.final_act = nn.ReLU(inplace=True)
         self.head = ClassifierHead(in_ch, num_classes, drop_rate)

@@ -115,7 +115,7 @@ class ResNet(Backbone):
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         rates = iter(drop_path_rates(drop_path_rate, sum(layers)))
         in_ch = 64
-        self.feature_info = [FeatureInfo("conv1", 64, 2)]
+        self.stage_info = [FeatureInfo("conv1", 64, 2)]
         for i, (n, planes) in enumerate(zip(layers, (64, 128, 256, 512))):
             stride = 1 if i == 0 else 2
             out_ch = planes * blk.expansion
@@ -126,7 +126,7 @@ class ResNet(Backbone):
                                   groups, base_width, next(rates), **blk_kw))
                 in_ch = out_ch
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-            self.feature_info.append(FeatureInfo(f"layer{i + 1}", out_ch, 4 * 2**i))
+            self.stage_info.append(FeatureInfo(f"layer{i + 1}", out_ch, 4 * 2**i))
         self.head = ClassifierHead(in_ch, num_classes, drop_rate)
         init_weights(self)
         if zero_init_residual:
@@ -209,7 +209,7 @@ class CifarResNet(Backbone):
                       for j in range(n)]
             in_ch = ch
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-            self.feature_info.append(FeatureInfo(f"layer{i + 1}", ch, 2**i))
+            self.stage_info.append(FeatureInfo(f"layer{i + 1}", ch, 2**i))
         self.head = ClassifierHead(64, num_classes)
         init_weights(self)
 
@@ -246,7 +246,7 @@ class CifarWideResNet(Backbone):
                       for j in range(n)]
             in_ch = ch
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-            self.feature_info.append(FeatureInfo(f"layer{i + 1}", ch, 2**i))
+            self.stage_info.append(FeatureInfo(f"layer{i + 1}", ch, 2**i))
         self.norm = nn.BatchNorm2d(in_ch)
         self.act = nn.ReLU(inplace=True)
         self.head = ClassifierHead(in_ch, num_classes)

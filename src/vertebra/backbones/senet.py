@@ -78,7 +78,7 @@ class SENet(Backbone):
             self.stem = ConvBnAct(in_chans, stem_ch, 7, 2, 3)
         # the Caffe models pool with ceil_mode and no padding
         self.pool = nn.MaxPool2d(3, 2, ceil_mode=True)
-        self.feature_info = [FeatureInfo("stem", stem_ch, 2)]
+        self.stage_info = [FeatureInfo("stem", stem_ch, 2)]
         rates = iter(drop_path_rates(drop_path_rate, sum(layers)))
         in_ch = stem_ch
         for i, (n, planes) in enumerate(zip(layers, (64, 128, 256, 512))):
@@ -101,7 +101,7 @@ class SENet(Backbone):
                                            drop_path=next(rates)))
                 in_ch = out_ch
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-            self.feature_info.append(FeatureInfo(f"layer{i + 1}", out_ch, 4 * 2**i))
+            self.stage_info.append(FeatureInfo(f"layer{i + 1}", out_ch, 4 * 2**i))
         self.head = ClassifierHead(in_ch, num_classes, drop_rate)
         init_weights(self)
 

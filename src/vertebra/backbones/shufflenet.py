@@ -75,7 +75,7 @@ class ShuffleNet(Backbone):
         stem = int(24 * scale)
         self.conv1 = ConvBnAct(in_chans, stem, 3, 2)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.feature_info = [FeatureInfo("conv1", stem, 2), FeatureInfo("maxpool", stem, 4)]
+        self.stage_info = [FeatureInfo("conv1", stem, 2), FeatureInfo("maxpool", stem, 4)]
         rates = iter(drop_path_rates(drop_path_rate, sum(_REPEATS)))
         in_ch = stem
         for i, (n, c) in enumerate(zip(_REPEATS, _STAGE_CH[groups])):
@@ -86,7 +86,7 @@ class ShuffleNet(Backbone):
                                          drop_path=next(rates)))
                 in_ch = c
             self.add_module(f"stage{i + 2}", nn.Sequential(*units))
-            self.feature_info.append(FeatureInfo(f"stage{i + 2}", c, 2 ** (i + 3)))
+            self.stage_info.append(FeatureInfo(f"stage{i + 2}", c, 2 ** (i + 3)))
         self.head = ClassifierHead(in_ch, num_classes, drop_rate)
         init_weights(self)
 

@@ -69,13 +69,13 @@ class ShuffleNetV2(Backbone):
         *stage_ch, last = _WIDTHS[width]
         self.conv1 = ConvBnAct(in_chans, 24, 3, 2)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.feature_info = [FeatureInfo("conv1", 24, 2), FeatureInfo("maxpool", 24, 4)]
+        self.stage_info = [FeatureInfo("conv1", 24, 2), FeatureInfo("maxpool", 24, 4)]
         in_ch = 24
         for i, (n, c) in enumerate(zip(_REPEATS, stage_ch)):
             units = [ShuffleV2Unit(in_ch if j == 0 else c, c, 2 if j == 0 else 1) for j in range(n)]
             in_ch = c
             self.add_module(f"stage{i + 2}", nn.Sequential(*units))
-            self.feature_info.append(FeatureInfo(f"stage{i + 2}", c, 2 ** (i + 3)))
+            self.stage_info.append(FeatureInfo(f"stage{i + 2}", c, 2 ** (i + 3)))
         self.head = ConvClassifierHead(in_ch, last, num_classes, drop_rate)  # conv5 is head.conv
         init_weights(self)
 

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..backbone import Backbone, FeatureInfo
+from ..layers.heads import ResettableHead
 from ..registry import register
 
 _SQZ = dict(family="SqueezeNet",
@@ -64,17 +65,30 @@ class Fire(nn.Module):
         return out
 
 
-class SqueezeHead(nn.Module):
-    """dropout 0.5 -> conv10 1x1 to the classes -> ReLU -> global average pool."""
+class SqueezeHead(ResettableHead):
+    """dropout 0.5 -> conv10 1x1 to the classes -> ReLU -> global average pool (the classifier is ``conv10``)."""
+
+    classifier_name = "conv10"
 
     def __init__(self, in_ch: int, num_classes: int, drop_rate: float = 0.5) -> None:
         super().__init__()
+        self.num_features = in_ch
         self.drop = nn.Dropout(drop_rate)
         self.conv10 = nn.Conv2d(in_ch, num_classes, 1)
         self.act = nn.ReLU(inplace=True)
         self.pool = nn.AdaptiveAvgPool2d(1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def make_classifier(self, num_classes: int) -> nn.Module:
+        if num_classes <= 0:
+            return nn.Identity()
+        conv = nn.Conv2d(self.num_features, num_classes, 1)
+        nn.init.normal_(conv.weight, 0.0, 0.01)  # the paper's Caffe init of conv10
+        nn.init.zeros_(conv.bias)
+        return conv
+
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        if pre_logits:  # what conv10 reads, pooled (the fire9 output is ReLU'd already)
+            return self.pool(self.drop(x)).flatten(1)
         return self.pool(self.act(self.conv10(self.drop(x)))).flatten(1)
 
 
@@ -116,7 +130,7 @@ class SqueezeNet(Backbone):
         self.stage2 = nn.Sequential(*fires[a + 1: b + 1])
         self.stage3 = nn.Sequential(*fires[b + 1:])
         ch = lambda seq: seq[-1].expand1x1.out_channels + seq[-1].expand3x3.out_channels  # noqa: E731
-        self.feature_info = [FeatureInfo("conv1", stem, 2), FeatureInfo("stage1", ch(self.stage1), 4),
+        self.stage_info = [FeatureInfo("conv1", stem, 2), FeatureInfo("stage1", ch(self.stage1), 4),
                              FeatureInfo("stage2", ch(self.stage2), 8), FeatureInfo("stage3", ch(self.stage3), 16)]
         self.head = SqueezeHead(in_ch, num_classes, drop_rate)
         self._init()

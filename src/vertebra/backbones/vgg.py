@@ -66,9 +66,9 @@ class VGG(Backbone):
                 convs[f"conv{b}_{i}"] = ConvBnAct(in_ch, ch, 3, 1, 1, bias=True, bn=batch_norm)
                 in_ch = ch
             self.add_module(f"block{b}", nn.Sequential(convs))
-            self.feature_info.append(FeatureInfo(f"conv{b}_{n}", ch, 2 ** (b - 1)))
+            self.stage_info.append(FeatureInfo(f"conv{b}_{n}", ch, 2 ** (b - 1)))
         self.pool = nn.MaxPool2d(2, 2)
-        self.feature_info.append(FeatureInfo("pool5", in_ch, 32))
+        self.stage_info.append(FeatureInfo("pool5", in_ch, 32))
         self.head = FCHead(in_ch, num_classes, pool_size=7, hidden=4096, drop_rate=drop_rate)
         init_weights(self)
 

@@ -89,7 +89,7 @@ class Xception(Backbone):
         self.block_exit = XceptionBlock(728, 1024, 2, 2, grow_last=True, drop_path=next(rates))
         self.conv3 = nn.Sequential(SeparableConvBn(1024, 1536), nn.ReLU(inplace=True))
         self.conv4 = nn.Sequential(SeparableConvBn(1536, 2048), nn.ReLU(inplace=True))
-        self.feature_info = [FeatureInfo("conv2", 64, 2), FeatureInfo("block1", 128, 4), FeatureInfo("block2", 256, 8),
+        self.stage_info = [FeatureInfo("conv2", 64, 2), FeatureInfo("block1", 128, 4), FeatureInfo("block2", 256, 8),
                              FeatureInfo("middle", 728, 16), FeatureInfo("conv4", 2048, 32)]
         self.head = ClassifierHead(2048, num_classes, drop_rate)
         init_weights(self)

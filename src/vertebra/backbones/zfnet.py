@@ -59,7 +59,7 @@ class ZFNet(Backbone):
         self.conv4 = conv_relu(384, 384, 3, 1, 1)
         self.conv5 = conv_relu(384, 256, 3, 1, 1)
         self.pool5 = nn.MaxPool2d(3, 2, ceil_mode=True)
-        self.feature_info = [FeatureInfo("conv1", 96, 2), FeatureInfo("pool1", 96, 4), FeatureInfo("conv2", 256, 8),
+        self.stage_info = [FeatureInfo("conv1", 96, 2), FeatureInfo("pool1", 96, 4), FeatureInfo("conv2", 256, 8),
                              FeatureInfo("conv5", 256, 16), FeatureInfo("pool5", 256, 32)]
         self.head = FCHead(256, num_classes, pool_size=6, hidden=4096, drop_rate=drop_rate)
         for m in self.modules():

@@ -8,6 +8,12 @@ fpn_channels=256, p6_from="p5", min_level=3, max_level=7, head_convs=4, matcher=
 box_loss="l1" | "giou"``
 (see ``retinanet.build_retinanet``).
 
+``backbone`` may also be a timm or torchvision model that returns feature levels (``adapter.BackboneAdapter``)::
+
+    create_detector("retinanet", backbone=timm.create_model("convnext_tiny", features_only=True), num_classes=3)
+    fx = create_feature_extractor(torchvision.models.resnet50(), {"layer2": "c3", "layer3": "c4", "layer4": "c5"})
+    create_detector("retinanet", backbone=fx, num_classes=3)  # strides found by one dummy pass, or feature_strides=
+
 ``create_detector("retinanet", backbone="resnet50", pretrained="coco")``: the COCO-trained detector with the
 highest box AP published for that backbone (torchvision's ``retinanet_resnet50_fpn_v2`` for resnet50);
 ``pretrained="retinanet_resnet50_fpn"`` (the v1) or ``"retinanet_resnet50_fpn:COCO_V1"`` names one set (see
@@ -16,6 +22,10 @@ highest box AP published for that backbone (torchvision's ``retinanet_resnet50_f
 
 from __future__ import annotations
 
+import inspect
+
+from ..registry import check_kwargs
+from .adapter import BackboneAdapter, as_backbone
 from .anchors import AnchorGenerator
 from .fpn import FPN
 from .head import RetinaNetHead
@@ -32,12 +42,14 @@ from .transform import Preprocess
 
 __all__ = [
     "AnchorGenerator",
+    "BackboneAdapter",
     "FPN",
     "Postprocess",
     "Preprocess",
     "RetinaNet",
     "RetinaNetHead",
     "RetinaNetCore",
+    "as_backbone",
     "create_detector",
     "detector_weights",
     "list_detectors",
@@ -55,7 +67,16 @@ def list_detectors() -> list[str]:
 
 def create_detector(name: str = "retinanet", *, backbone="resnet50", num_classes: int | None = None,
                     pretrained: bool | str | None = None, **kwargs) -> RetinaNet:
-    """Build a detector by name on a registered backbone (or a vertebra Backbone instance).
+    """Build a detector by name on a registered backbone, a vertebra Backbone instance, or a timm / torchvision
+    module that returns feature levels.
+
+    ``backbone``: a registry name (``"resnet50"``); a :class:`vertebra.Backbone`; or any ``nn.Module`` whose forward
+    returns a list / tuple / dict of ``N x C x H x W`` levels, e.g. ``timm.create_model("convnext_tiny",
+    features_only=True)`` or torchvision's ``create_feature_extractor(model, return_nodes={"layer2": "c3", ...})``.
+    Such a module is wrapped in :class:`BackboneAdapter`: each level's channels and stride are read from timm's
+    ``feature_info``, else found by running one zero image through it at construction (``feature_strides=[8, 16,
+    32]`` gives them instead, in the module's order); the FPN takes the levels at strides 8, 16, 32 (P3-P5) and
+    adds P6, P7; ``trainable_stages`` counts the levels it returns; ``frozen_bn`` freezes every BatchNorm in it.
 
     ``num_classes`` defaults to 91 (torchvision's COCO label space). ``pretrained``: None / False, random
     detector weights (``backbone_weights`` may still load the backbone's); ``"coco"`` / True, the COCO-trained
@@ -67,6 +88,8 @@ def create_detector(name: str = "retinanet", *, backbone="resnet50", num_classes
     key = str(name).lower()
     if key not in _DETECTORS:
         raise KeyError(f"unknown detector {name!r}; vertebra has: {', '.join(list_detectors())}")
+    valid = set(inspect.signature(_DETECTORS[key]).parameters) | {"pretrained"}
+    check_kwargs(f"create_detector({name!r})", kwargs, valid)
     if pretrained is not None and pretrained is not False:
         if key not in _PRETRAINED:
             raise KeyError(f"no published weights for the detector {name!r}; detectors with weights: "

@@ -8,9 +8,12 @@
   backward.
 - ``freeze_stages(backbone, trainable_stages)`` stops the gradient of the parameters of every
   stage but the last ``trainable_stages`` (torchvision's ``trainable_backbone_layers``: of
-  ResNet's five stages conv1, layer1 ... layer4, 3 leaves layer2-4 trainable). Which parameters
-  belong to the first stages is found from the network itself (the parameters that feed the
-  output of stage k), not from module names, so it works for every backbone.
+  ResNet's five stages conv1, layer1 ... layer4, 3 leaves layer2-4 trainable). The stages are
+  every stage of the network (``backbone.stage_info``, what ``backbone.stages(x)`` yields), not
+  only the levels the detector takes; for an adapted timm / torchvision module
+  (``adapter.BackboneAdapter``) they are the levels it returns. Which parameters belong to the
+  first stages is found from the network itself (the parameters that feed the output of stage
+  k), not from module names, so it works for every backbone.
 - ``fold_frozen_bn_live(module)`` makes every ``conv -> frozen BN`` pair (``ConvBnAct``) run as
   one convolution whose weight is folded at each call: the same function and gradients, the
   same state_dict, one pass less over the activation forward and backward (training too).
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d as _TVFrozenBatchNorm2d
 
-__all__ = ["FrozenBatchNorm2d", "convert_frozen_bn", "freeze_stages", "fold_frozen_bn_live"]
+__all__ = ["FrozenBatchNorm2d", "convert_frozen_bn", "freeze_stages", "fold_frozen_bn_live", "num_stages"]
 
 
 class FrozenBatchNorm2d(_TVFrozenBatchNorm2d):
@@ -37,6 +40,11 @@ class FrozenBatchNorm2d(_TVFrozenBatchNorm2d):
 
 def convert_frozen_bn(module: nn.Module) -> nn.Module:
     """Replace every BatchNorm2d under ``module`` by a FrozenBatchNorm2d holding its statistics."""
+    if isinstance(module, nn.BatchNorm2d) and hasattr(module, "act") and hasattr(module, "drop"):
+        # timm's BatchNormAct2d (BN + activation in one module): timm's own frozen BN + act keeps the activation
+        from timm.layers import freeze_batch_norm_2d
+
+        return freeze_batch_norm_2d(module)
     if isinstance(module, nn.BatchNorm2d):
         frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
         with torch.no_grad():
@@ -83,9 +91,15 @@ def stage_parameters(backbone, num_stages: int) -> set[str]:
     return {n for (n, _), g in zip(named, grads) if g is not None}
 
 
+def num_stages(backbone) -> int:
+    """How many stages ``backbone.stages(x)`` yields (every stage, whatever levels are selected)."""
+    info = getattr(backbone, "stage_info", None)
+    return len(info if info is not None else backbone.feature_info)
+
+
 def freeze_stages(backbone, trainable_stages: int) -> list[str]:
     """Freeze every stage but the last ``trainable_stages``; returns the frozen parameter names."""
-    n = len(backbone.feature_info)
+    n = num_stages(backbone)
     if not 0 <= trainable_stages <= n:
         raise ValueError(f"trainable_stages must be in [0, {n}] for {backbone.name} ({n} stages), "
                          f"got {trainable_stages}")

@@ -35,9 +35,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .adapter import as_backbone
 from .anchors import DEFAULT_ASPECT_RATIOS, AnchorGenerator, default_anchor_sizes
 from .fpn import FPN
-from .frozen import convert_frozen_bn, fold_frozen_bn_live, freeze_stages
+from .frozen import convert_frozen_bn, fold_frozen_bn_live, freeze_stages, num_stages
 from .head import RetinaNetHead
 from .losses import retinanet_losses
 from .postprocess import Postprocess
@@ -48,8 +49,9 @@ __all__ = ["RetinaNet", "RetinaNetCore", "RetinaNetHead", "Postprocess", "build_
 
 
 def pyramid_strides(backbone, min_level: int = 3, max_level: int = 7) -> tuple[list[int], int]:
-    """The backbone strides the FPN takes (finest first) and how many extra levels it adds."""
-    strides = [f.stride for f in backbone.feature_info]
+    """The backbone strides the FPN takes (finest first) and how many extra levels it adds: of every stage the
+    backbone has (``stage_info``), those at 2**min_level ... 2**5 (P3-P5 at strides 8, 16, 32)."""
+    strides = [f.stride for f in backbone.stage_info]
     need = 2**min_level
     if need not in strides:
         have = ", ".join(map(str, strides))
@@ -83,7 +85,7 @@ class RetinaNetCore(nn.Module):
         self.backbone = backbone
         self.levels = tuple(range(min_level, max_level + 1))
         self.backbone_strides = tuple(taken)
-        in_ch = [f.channels for f in backbone.out_feature_info]
+        in_ch = backbone.feature_info.channels()
         self.fpn = FPN(in_ch, fpn_channels, extra, p6_from)
         self.head = RetinaNetHead(fpn_channels, num_anchors, num_classes, num_convs=head_convs, norm=head_norm)
         self._input_format: torch.memory_format | None = None  # set by prepare_inference
@@ -113,7 +115,7 @@ class RetinaNetCore(nn.Module):
             x = x.to(self._input_dtype)
         if self._input_format is not None:
             x = x.contiguous(memory_format=self._input_format)
-        return self.fpn(self.backbone.forward_features(x))
+        return self.fpn(self.backbone.forward_levels(x))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.head(self.pyramid(x))
@@ -269,8 +271,18 @@ def build_retinanet(backbone: str | nn.Module = "resnet50", num_classes: int = 9
                     p6_from: str = "p5", min_level: int = 3, max_level: int = 7, fg_iou_thresh: float = 0.5,
                     bg_iou_thresh: float = 0.4, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
                     box_loss: str = "l1", size_divisible: int = 32, backbone_kwargs: dict | None = None,
-                    matcher: str = "iou", atss_topk: int = 9, head_convs: int = 4) -> RetinaNet:
-    """A RetinaNet on a registered backbone (by name) or on a vertebra Backbone instance.
+                    matcher: str = "iou", atss_topk: int = 9, head_convs: int = 4,
+                    feature_strides: Sequence[int] | None = None) -> RetinaNet:
+    """A RetinaNet on a registered backbone (by name), a vertebra Backbone instance, or any module that returns
+    feature levels: a timm ``features_only`` model, a torchvision ``create_feature_extractor`` model.
+
+    A module that is not a vertebra Backbone is wrapped in :class:`~vertebra.detection.adapter.BackboneAdapter`:
+    its levels' channels and strides come from ``feature_strides`` (the stride of each level it returns, in its
+    order) if given, else from timm's ``feature_info`` (``channels()`` / ``reduction()``), else from one forward
+    pass of a zero image at construction. The FPN takes the levels at strides 8, 16, 32 (P3-P5; ``min_level``)
+    and adds the rest; ``trainable_stages`` counts the levels the module returns (the parameters before the
+    first belong to it); ``frozen_bn`` converts every BatchNorm2d of the module (timm's BatchNormAct2d to its
+    frozen twin); the normalisation defaults to timm's ``pretrained_cfg`` mean / std, else ImageNet's.
 
     ``image_mean`` / ``image_std`` default to the backbone's normalisation: that of the weights it was loaded
     with, else its network's (``detection.transform.backbone_normalization``; ImageNet's for an instance that
@@ -286,7 +298,7 @@ def build_retinanet(backbone: str | nn.Module = "resnet50", num_classes: int = 9
     else:
         if backbone_weights is not None or backbone_pretrained is not None:
             raise ValueError("backbone_weights goes with a backbone name; load weights into an instance yourself")
-        bb = backbone
+        bb = as_backbone(backbone, **({} if feature_strides is None else {"strides": feature_strides}))
     levels = list(range(min_level, max_level + 1))
     if anchor_sizes is None:
         anchor_sizes = default_anchor_sizes(levels)
@@ -302,7 +314,7 @@ def build_retinanet(backbone: str | nn.Module = "resnet50", num_classes: int = 9
     if frozen_bn:
         convert_frozen_bn(net.backbone)
         fold_frozen_bn_live(net.backbone)
-    freeze_stages(net.backbone, min(trainable_stages, len(net.backbone.feature_info)))
+    freeze_stages(net.backbone, min(trainable_stages, num_stages(net.backbone)))
     if image_mean is None or image_std is None:
         mean, std = backbone_normalization(bb)
         image_mean = mean if image_mean is None else image_mean

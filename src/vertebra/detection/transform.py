@@ -26,11 +26,15 @@ __all__ = ["Preprocess", "ImageBatch", "backbone_normalization"]
 
 def backbone_normalization(backbone) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The (mean, std) a backbone's inputs are normalised with: those of the published weights it was loaded
-    with (``backbone.pretrained_weights``), else its network's training set's (``backbone.spec``), else
+    with (``backbone.pretrained_weights``), else its network's training set's (``backbone.spec``), else what an
+    adapted timm / torchvision module says (``backbone.normalization``: timm's ``pretrained_cfg``), else
     ImageNet's (a backbone instance that says nothing)."""
     weights = getattr(backbone, "pretrained_weights", None)
     if weights is not None:
         return tuple(weights.mean), tuple(weights.std)
+    given = getattr(backbone, "normalization", None)
+    if given is not None:
+        return tuple(given[0]), tuple(given[1])
     spec = getattr(backbone, "spec", None)
     if spec is not None:
         return tuple(spec.mean), tuple(spec.std)

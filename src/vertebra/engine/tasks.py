@@ -185,7 +185,7 @@ class DetectionTask(Task):
         n_stages = None
         try:
             with torch.device("meta"):
-                n_stages = len(create_backbone(cfg.backbone, features_only=True, **cfg.backbone_kwargs).feature_info)
+                n_stages = len(create_backbone(cfg.backbone, features_only=True, **cfg.backbone_kwargs).stage_info)
         except Exception:  # noqa: BLE001 - the detector reports a bad backbone itself
             backbone_spec(cfg.backbone)
         init = backbone_init(cfg)

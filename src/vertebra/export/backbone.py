@@ -121,7 +121,7 @@ class _Outputs(nn.Module):
 
 def output_names(model: nn.Module) -> list[str]:
     if getattr(model, "features_only", False):
-        return [f"feature{i}_s{f.stride}" for i, f in enumerate(model.out_feature_info)]
+        return [f"feature{i}_s{f.stride}" for i, f in enumerate(model.feature_info)]
     return ["logits"]
 
 

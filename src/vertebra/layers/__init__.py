@@ -3,7 +3,7 @@
 from .conv_bn import ConvBnAct, conv_bn, fold_batchnorm
 from .conv_lrn import conv_relu, lrn
 from .drop_path import DropPath, drop_path_rates
-from .heads import ClassifierHead, ConvClassifierHead, FCHead
+from .heads import ClassifierHead, ConvClassifierHead, FCHead, ResettableHead
 from .inverted_residual import InvertedResidual
 from .learned_group_conv import CondensedGroupConv, LearnedGroupConv
 from .misc import make_divisible
@@ -19,6 +19,7 @@ __all__ = [
     "ClassifierHead",
     "ConvClassifierHead",
     "FCHead",
+    "ResettableHead",
     "ConvBnAct",
     "PreActBasic",
     "PreActBottleneck",

@@ -116,7 +116,7 @@ class AuxBackbone(Backbone):
     Subclasses write ``_stages(x, aux)``: the stage generator that, when ``aux`` is a list,
     appends each auxiliary classifier's logits to it at its tap. ``forward`` returns
     ``(logits, aux_1, ...)`` in train mode when the heads exist (in the order of depth),
-    the logits alone otherwise; ``stages``/``forward_features`` never run the aux heads.
+    the logits alone otherwise; ``stages``, ``forward_features`` and ``forward_levels`` never run the aux heads.
     """
 
     aux_heads: nn.ModuleList | None
@@ -133,9 +133,9 @@ class AuxBackbone(Backbone):
 
     def forward(self, x: Tensor):
         if self.features_only:
-            return self.forward_features(x)
+            return self.forward_levels(x)
         self.check_input(x)
         aux = [] if (self.training and getattr(self, "aux_heads", None) is not None) else None
         *_, last = self._stages(x, aux)
-        logits = self.forward_head([last])
+        logits = self.forward_head(last)
         return (logits, *aux) if aux else logits

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from ...backbone import Backbone, FeatureInfo, init_weights
 from ...layers import ClassifierHead, ConvBnAct, DropPath, drop_path_rates
+from ...layers.heads import ResettableHead
 from .genotypes import CellGenotype
 
 __all__ = ["SamePad", "SepConv", "BottleneckConv", "FactorizedReduce", "make_op", "Cell", "ScheduledDropPath",
@@ -278,11 +279,13 @@ class Cell(nn.Module):
         return torch.cat([states[i] for i in self.concat], 1)
 
 
-class AuxHead(nn.Module):
+class AuxHead(ResettableHead):
     """NASNet's auxiliary classifier (TF-slim ``_build_aux_head``) on the ReLU'd stride-16
     features: average pool, 1x1 conv 128 + BN + ReLU, a conv 768 covering the whole pooled grid
     + BN + ReLU, FC. TF pools 5x5/3 VALID; here an adaptive pool to the grid that gives at the
     paper's input size (``grid``), so any input size works with the same weights."""
+
+    num_features = 768
 
     def __init__(self, c_in: int, num_classes: int, grid: int) -> None:
         super().__init__()
@@ -346,11 +349,11 @@ class CellNet(Backbone):
         self._last_use: tuple[int, ...] = tuple(last)
         # the last state at each stride is a feature tap
         self.taps = tuple(max(i for i, s in enumerate(strides) if s == st) for st in sorted(set(strides)))
-        self.feature_info = [
+        self.stage_info = [
             FeatureInfo("conv0" if i == 0 else f"cells.{i - 1}", widths[i], strides[i]) for i in self.taps
         ]
-        if [f.stride for f in self.feature_info] != [2, 4, 8, 16, 32]:
-            raise ValueError(f"the plan gives feature strides {[f.stride for f in self.feature_info]}, not 2..32")
+        if [f.stride for f in self.stage_info] != [2, 4, 8, 16, 32]:
+            raise ValueError(f"the plan gives feature strides {[f.stride for f in self.stage_info]}, not 2..32")
         self.head = ClassifierHead(widths[-1], num_classes, drop_rate)
         self.aux_heads = nn.ModuleList([AuxHead(widths[self.taps[3]], num_classes, aux_grid)]) if aux_logits else None
         init_weights(self)
@@ -380,10 +383,10 @@ class CellNet(Backbone):
 
     def forward(self, x: Tensor):
         if self.features_only:
-            return self.forward_features(x)
+            return self.forward_levels(x)
         self.check_input(x)
         feats = list(self.stages(x))
-        logits = self.forward_head([feats[-1]])
+        logits = self.forward_head(feats[-1])
         if self.training and getattr(self, "aux_heads", None) is not None:
             return logits, self.aux_heads[0](feats[3])
         return logits

@@ -8,9 +8,14 @@ total is halved. Counting runs on the meta device: nothing is allocated or compu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
+import os
+import shutil
 import statistics
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 from .. import precision
 from ..backbone import count_params
 
-__all__ = ["MacCount", "count_macs", "time_fn", "Timing"]
+__all__ = ["MacCount", "count_macs", "time_fn", "Timing", "BenchConfig", "bench_device", "check_config",
+           "current_rss_mb", "peak_rss_mb", "measure_model", "measure_detector", "compile_detector_network"]
 
 # ops that move or reshape data, or whose cost is negligible next to the convolutions:
 # not "unsupported", merely free in the MAC convention
@@ -119,11 +125,24 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn, *, device="cpu", warmup: int = 3, runs: int = 10, min_seconds: float = 0.0) -> Timing:
-    """Median and 90th-percentile wall time of ``fn()`` after warm-up, synchronised on CUDA."""
+def time_fn(fn, *, device="cpu", warmup: int = 3, runs: int = 10, min_seconds: float = 0.0,
+            settle: int = 0) -> Timing:
+    """Median and 90th-percentile wall time of ``fn()`` after warm-up, synchronised on CUDA.
+
+    ``settle``: after the warm-up, up to that many more untimed calls, until one takes no more than 1.25 x the one
+    before (a compiled model runs slow for a few calls after compiling, longer on a busy machine)."""
     for _ in range(warmup):
         fn()
     _sync(device)
+    last = float("inf")
+    for _ in range(settle):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        took = time.perf_counter() - t0
+        if took <= 1.25 * last:
+            break
+        last = took
     times = []
     start = time.perf_counter()
     while len(times) < runs or (time.perf_counter() - start) < min_seconds:
@@ -147,18 +166,52 @@ def fresh_memory(device):
     yield
 
 
+def current_rss_mb() -> float | None:
+    """This process's resident memory now, in MiB: ``/proc/self/statm`` on Linux; None where there is no such
+    probe (macOS, Windows): the caller then takes the peak before measuring as the baseline."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError, AttributeError):  # no /proc (macOS), no os.sysconf (Windows)
+        return None
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far, in MiB, from ``getrusage``'s ``ru_maxrss``: kibibytes on Linux
+    (and the BSDs), bytes on macOS. None where the ``resource`` module does not exist (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    try:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (OSError, AttributeError, ValueError):
+        return None
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
 # -- one network, end to end ---------------------------------------------------------------
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def bench_device(device: str | None = None) -> str:
+    """The device to measure on: ``device``, or when None the one ``train`` / ``eval`` / ``predict`` default to
+    (:func:`vertebra.devices.default_device`: ``cuda`` when present, else ``cpu``)."""
+    from ..devices import default_device
+
+    return default_device() if device is None else str(device)
+
+
 @dataclass
 class BenchConfig:
-    """What to measure and how. ``input`` None: each network's paper input size."""
+    """What to measure and how. ``input`` None: each network's paper input size. ``device`` None (the default):
+    ``cuda`` when present, else ``cpu`` (:func:`bench_device`)."""
 
     input: int | None = None
     batch: int = 8
-    device: str = "cpu"
+    device: str | None = None
     dtype: str = "fp32"
     channels_last: bool = True
     compile: bool = False
@@ -169,6 +222,27 @@ class BenchConfig:
     warmup: int = 1
     runs: int = 3
     min_seconds: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.device = bench_device(self.device)
+
+
+def _cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU back-end (inductor) would call: ``$CXX``, else c++ / g++ / clang++."""
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def check_compile(device) -> None:
+    """Raise ValueError, naming the reason, when ``torch.compile`` cannot compile on ``device`` here: its CPU
+    back-end (inductor) builds C++ and needs a compiler on the PATH (or ``$CXX``); on Windows it needs
+    Visual Studio's, which this check does not look for."""
+    dev = torch.device(device)
+    if dev.type == "cpu" and not sys.platform.startswith("win") and _cpp_compiler() is None:
+        raise ValueError("--compile on cpu: torch.compile (inductor) builds C++ and no compiler was found "
+                         "(set CXX or install g++ / clang++); or leave out --compile")
 
 
 def check_config(cfg: BenchConfig) -> None:
@@ -185,6 +259,8 @@ def check_config(cfg: BenchConfig) -> None:
         raise ValueError(f"--task must be cls or det, got {cfg.task!r}")
     if cfg.batch < 1:
         raise ValueError(f"--batch must be at least 1, got {cfg.batch}")
+    if cfg.compile:
+        check_compile(dev)
 
 
 def machine_info(device: str = "cpu") -> dict:
@@ -273,6 +349,45 @@ def _prepare(model: nn.Module, cfg: BenchConfig, optimize: bool) -> nn.Module:
     return torch.compile(model) if cfg.compile else model
 
 
+def _warmup(cfg: BenchConfig) -> dict:
+    """``time_fn``'s warm-up: with ``compile`` at least one call (compiling is never timed) and then the calls
+    until the compiled model runs at its speed."""
+    return {"warmup": max(1, cfg.warmup), "settle": 20} if cfg.compile else {"warmup": cfg.warmup}
+
+
+class _Counted(nn.Module):
+    """``inner`` (a compiled module), counting its calls: the proof that the timed calls ran the compiled code."""
+
+    def __init__(self, inner) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner(*args, **kwargs)
+
+
+def compile_detector_network(model: nn.Module) -> Callable[[], int]:
+    """In place: ``torch.compile`` a RetinaNet's network, the two calls ``model(images)`` makes into it: the
+    backbone + FPN (``model.net.pyramid``) and the heads (``model.net.head``). Preprocessing, anchors and the
+    postprocessing (top-k and NMS: data-dependent shapes, and the ``postprocess_ms`` hooks) stay eager, as the
+    backbone alone is what ``--compile`` compiles for ``--task cls``. Static shapes: each batch size gets its
+    own graph, compiled during its warm-up. Returns a function giving how many times the compiled network ran."""
+    net = model.net
+    pyramid = torch.compile(net.pyramid, dynamic=False)
+    head = _Counted(torch.compile(net.head, dynamic=False))
+    pyramid_calls = [0]
+
+    def compiled_pyramid(x):
+        pyramid_calls[0] += 1
+        return pyramid(x)
+
+    net.pyramid = compiled_pyramid
+    net.head = head
+    return lambda: min(pyramid_calls[0], head.calls)
+
+
 def _input(batch: int, size: tuple[int, int, int], cfg: BenchConfig) -> torch.Tensor:
     x = torch.randn(batch, *size, device=cfg.device)
     return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
@@ -312,14 +427,16 @@ def measure_model(build, size: tuple[int, int, int], cfg: BenchConfig, optimize:
             t = time_fn(step, device=cfg.device, warmup=cfg.warmup, runs=max(2, cfg.runs - 1))
             row["train_ips"] = cfg.batch / (t.median_ms / 1000)
             del opt, xb
-        imodel = _prepare(model, cfg, optimize)
+        imodel = _prepare(model, cfg, optimize)  # with cfg.compile: torch.compile of the whole backbone
         x1 = _input(1, size, cfg)
         xb = _input(cfg.batch, size, cfg)
+        warmup = _warmup(cfg)
         with torch.inference_mode(), _autocast(cfg):
-            lat = time_fn(lambda: imodel(x1), device=cfg.device, warmup=cfg.warmup, runs=cfg.runs,
+            lat = time_fn(lambda: imodel(x1), device=cfg.device, runs=cfg.runs, **warmup,
                           min_seconds=cfg.min_seconds)
-            thr = time_fn(lambda: imodel(xb), device=cfg.device, warmup=cfg.warmup, runs=cfg.runs,
+            thr = time_fn(lambda: imodel(xb), device=cfg.device, runs=cfg.runs, **warmup,
                           min_seconds=cfg.min_seconds)
+        row["compile"] = bool(cfg.compile)
         row["latency_ms"] = lat.median_ms
         row["latency_p90_ms"] = lat.p90_ms
         row["throughput_ips"] = cfg.batch / (thr.median_ms / 1000)
@@ -331,7 +448,8 @@ def measure_model(build, size: tuple[int, int, int], cfg: BenchConfig, optimize:
 
 def measure_detector(name: str, cfg: BenchConfig, num_classes: int = 80) -> dict:
     """The backbone inside RetinaNet at ``cfg.det_size``, timed as ``predict`` runs it:
-    ``optimize_for_inference`` (unless ``cfg.eager``; ``cfg.compile`` compiles it) and ``model(images)``
+    ``optimize_for_inference`` (unless ``cfg.eager``; ``cfg.compile`` compiles its network:
+    :func:`compile_detector_network`) and ``model(images)``
     end to end (preprocessing, network, postprocessing). ``postprocess_ms`` is the share of the
     postprocessing (decoding, top-k, NMS) per image, timed inside the same calls.
 
@@ -357,15 +475,22 @@ def measure_detector(name: str, cfg: BenchConfig, num_classes: int = 80) -> dict
     started: list[float] = []
     model.postprocess.register_forward_pre_hook(lambda m, a: started.append(time.perf_counter()))
     model.postprocess.register_forward_hook(lambda m, a, o: post_times.append(time.perf_counter() - started[-1]))
-    model = _prepare(model, cfg, optimize=not cfg.eager)
+    # the network is compiled below, not the whole detector (whose postprocessing would graph-break)
+    model = _prepare(model, dataclasses.replace(cfg, compile=False), optimize=not cfg.eager)
+    compiled_calls = compile_detector_network(model) if cfg.compile else None
     images = torch.rand(cfg.batch, 3, size, size, device=cfg.device)
+    warmup = _warmup(cfg)
     with fresh_memory(cfg.device), torch.inference_mode(), _autocast(cfg):
         x1 = images[:1]
-        lat = time_fn(lambda: model(x1), device=cfg.device, warmup=cfg.warmup, runs=cfg.runs,
+        lat = time_fn(lambda: model(x1), device=cfg.device, runs=cfg.runs, **warmup,
                       min_seconds=cfg.min_seconds)
         post_times.clear()
-        thr = time_fn(lambda: model(images), device=cfg.device, warmup=cfg.warmup, runs=cfg.runs,
+        thr = time_fn(lambda: model(images), device=cfg.device, runs=cfg.runs, **warmup,
                       min_seconds=cfg.min_seconds)
+    if compiled_calls is not None and compiled_calls() == 0:  # never label a row compiled that ran eager
+        raise RuntimeError("--compile: the compiled network never ran in the timed calls (RetinaNet.forward no "
+                           "longer calls net.pyramid / net.head?); nothing compiled was measured")
+    row["compile"] = compiled_calls is not None
     post_ms = 1000 * statistics.median(post_times) if post_times else float("nan")
     row.update(latency_ms=lat.median_ms, latency_p90_ms=lat.p90_ms, throughput_ips=cfg.batch / (thr.median_ms / 1000),
                postprocess_ms=post_ms / cfg.batch)

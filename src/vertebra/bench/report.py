@@ -63,6 +63,9 @@ def add_peer_ratios(rows: list[dict]) -> None:
             r["peer"] = best["library"]
 
 
+#: the memory columns: None in a measured row where the platform has no probe (Windows), shown "n/a"
+_MEMORY = ("peak_mem_mb", "model_mem_mb")
+
 _TABLE = [("name", "network"), ("library", "lib"), ("input", "input"), ("params_m", "params M"),
           ("gmacs", "GMACs"), ("latency_ms", "lat ms"), ("throughput_ips", "img/s"), ("train_ips", "train img/s"),
           ("peak_mem_mb", "mem MB"), ("peak_fraction", "of peak"), ("ratio_vs_peer", "vs peer")]
@@ -88,6 +91,8 @@ def bench_table(rows: Sequence[dict], title: str):
                 cells.append(f"{v:.2f}x")
             elif isinstance(v, float):
                 cells.append(f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}")
+            elif v is None and key in _MEMORY:  # no memory probe on this platform
+                cells.append("n/a")
             else:
                 cells.append(str(v))
         table.add_row(*cells)
@@ -216,7 +221,7 @@ _DISPLAY = [
 def _cell(key: str, v) -> str:
     f = _num(v)
     if f is None:
-        return html.escape(str(v if v is not None else ""))
+        return "n/a" if v is None and key in _MEMORY else html.escape(str(v if v is not None else ""))
     if key == "peak_fraction":
         return f"{100 * f:.1f}%"
     if key in ("batch",):

@@ -4,6 +4,11 @@ A child process per (network, library) keeps one model's memory out of the next 
 figures (the CPU peak is the child's peak resident memory) and keeps a network that crashes
 or runs out of memory from ending the run: its row says what went wrong and the run goes on.
 
+The CPU memory probe (:func:`memory_fields`) reads ``getrusage``'s peak (kibibytes on Linux, bytes on macOS)
+and, on Linux, the resident memory before measuring from ``/proc``; elsewhere the peak before measuring is the
+baseline, and where there is no probe at all (Windows) the memory fields are None ("n/a") and the row is
+measured all the same.
+
 :func:`plan_bench` checks the request and lists the jobs, :func:`run_bench` measures them.
 What is measured follows ``BenchConfig.task``: one :class:`BenchMode` per task (``MODES``),
 the only place that tells the classification benchmark from the detection one.
@@ -12,9 +17,7 @@ the only place that tells the classification benchmark from the detection one.
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import queue as queue_mod
-import resource
 import time
 import traceback
 from collections.abc import Callable
@@ -25,7 +28,8 @@ from .measure import BenchConfig
 from .report import ROW_COLUMNS, add_peer_ratios
 
 __all__ = ["HEADLINE", "ROW_COLUMNS", "MODES", "BenchMode", "BenchPlan", "BenchRun", "plan_bench", "run_bench",
-           "run_isolated", "headline_names", "peers_of", "base_row", "default_out_dir"]
+           "run_isolated", "headline_names", "peers_of", "base_row", "default_out_dir", "memory_baseline",
+           "memory_fields"]
 
 # one headline variant of each network of the survey, at its paper's input size
 HEADLINE = [
@@ -62,9 +66,22 @@ def peers_of(name: str) -> list[str]:
     return peers
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def memory_baseline() -> float | None:
+    """This process's memory before it builds a model (MiB): the resident memory where it can be read (Linux),
+    else the peak so far (macOS); None without a probe (Windows)."""
+    from .measure import current_rss_mb, peak_rss_mb
+
+    now = current_rss_mb()
+    return now if now is not None else peak_rss_mb()
+
+
+def memory_fields(base: float | None) -> dict:
+    """``peak_mem_mb`` (this process's peak resident memory) and ``model_mem_mb`` (the peak over ``base``), in MiB;
+    None for what this platform cannot tell."""
+    from .measure import peak_rss_mb
+
+    peak = peak_rss_mb()
+    return {"peak_mem_mb": peak, "model_mem_mb": peak - base if peak is not None and base is not None else None}
 
 
 def _input_size(name: str, cfg: BenchConfig) -> tuple[int, int, int]:
@@ -174,12 +191,10 @@ def _child(name: str, library: str, cfg_dict: dict, out: mp.Queue) -> None:
         import torch
 
         torch.set_num_threads(cfg_dict.pop("_threads", torch.get_num_threads()))
-        base = _rss_mb()
+        base = memory_baseline()
         row = _measure_one(name, library, cfg_dict)
-        if cfg_dict.get("device", "cpu") == "cpu":
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            row["peak_mem_mb"] = peak
-            row["model_mem_mb"] = peak - base
+        if cfg_dict.get("device") in (None, "cpu"):
+            row.update(memory_fields(base))
         out.put(("ok", row))
     except BaseException as exc:  # reported in the row; the parent goes on
         out.put(("error", f"{type(exc).__name__}: {exc}".strip()[:500] + "\n" + traceback.format_exc()[-1500:]))
@@ -218,6 +233,7 @@ def base_row(name: str, library: str, cfg: BenchConfig, machine: dict) -> dict:
     row = {c: "" for c in ROW_COLUMNS}
     row.update(
         name=name, library=library, family=spec.family, task=cfg.task, device=cfg.device, dtype=cfg.dtype,
+        # compile: what was asked; a measured row says what its measurement compiled (measure_model / _detector)
         layout="channels_last" if cfg.channels_last else "NCHW", compile=cfg.compile,
         inference_path=("optimized" if library == "vertebra" and not cfg.eager else "eager"),
         input=_mode(cfg).input_label(name, cfg), batch=cfg.batch, paper_params_m=spec.paper_params_m,

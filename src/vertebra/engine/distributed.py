@@ -100,7 +100,7 @@ def init_distributed(device: str = "cpu", backend: str | None = None, timeout_mi
         missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
             raise ValueError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: launch with torchrun "
-                             "(torchrun --nproc_per_node N -m vertebra train ...), which sets them")
+                             "(torchrun --nproc_per_node N -m vertebra train|eval ...), which sets them")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if dev.type == "cuda":
         from ..devices import check_device

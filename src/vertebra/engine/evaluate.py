@@ -10,6 +10,10 @@ large use its ``area`` field, as the official evaluation does); other datasets u
 With ``distributed=True`` (several processes, each given a loader over its own share of the set) the
 detections are gathered on rank 0, which computes the metrics, and every rank returns them; classification
 counts are summed over the processes. Either way the numbers are those of one process over the whole set.
+
+A checkpoint evaluated under torchrun (``vertebra eval``): :func:`eval_process_group` joins the process group
+torchrun describes (nothing in one process) and :func:`evaluate_dataset` evaluates this process's share of the
+set, every W-th image as the trainer's validation does, with the metrics over the whole set.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from torch import Tensor, nn
 from ..precision import autocast
 
 __all__ = ["COCO_METRICS", "coco_evaluate", "voc_ap", "voc_evaluate", "evaluate_detector", "evaluate_classifier",
-           "predict_detections", "detections_to_coco"]
+           "predict_detections", "detections_to_coco", "eval_process_group", "evaluate_dataset"]
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -334,3 +338,43 @@ def evaluate_classifier(model: nn.Module, loader: Iterable, device="cpu", amp: s
     n = max(n, 1)
     return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss / n,
             "eval_seconds": time.perf_counter() - t0}
+
+
+# --------------------------------------------------------------------------------------------- a whole set, sharded
+
+
+@contextlib.contextmanager
+def eval_process_group(device: str = "cpu", timeout_minutes: float = 30.0):
+    """Under torchrun (``WORLD_SIZE`` > 1) join the process group for an evaluation (gloo on CPU, nccl on CUDA:
+    :func:`~vertebra.engine.distributed.init_distributed`) and leave it at the end; in one process nothing is
+    set up. Yields the :class:`~vertebra.engine.distributed.DistInfo`: its ``device`` is this process's
+    (``cuda:LOCAL_RANK`` under torchrun on CUDA), ``rank`` 0 is the process that prints and writes. A group
+    that was already up is used and left up."""
+    from .distributed import cleanup_distributed, init_distributed, is_distributed
+
+    was_up = is_distributed()
+    info = init_distributed(device, timeout_minutes=timeout_minutes)
+    try:
+        yield info
+    finally:
+        if not was_up:
+            cleanup_distributed()
+
+
+def evaluate_dataset(task, model: nn.Module, dataset, *, device="cpu", batch_size: int = 8, num_workers: int = 0,
+                     amp: str | None = None, voc: bool = False, breakdown: bool = False) -> dict[str, float]:
+    """``task``'s metrics of ``model`` on the whole ``dataset`` (``task.evaluate``). With a process group of W > 1
+    processes (:func:`eval_process_group` under torchrun) this process runs every W-th image from its rank on
+    (``Subset``, no padding: nothing counts twice, as ``Trainer`` validates) and every process returns the
+    metrics of the whole set (detections gathered on rank 0, classification counts summed); else one process
+    runs them all."""
+    from torch.utils.data import DataLoader, Subset
+
+    from .distributed import get_rank, get_world_size
+
+    world = get_world_size()
+    share = dataset if world == 1 else Subset(dataset, range(get_rank(), len(dataset), world))
+    loader = DataLoader(share, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=task.collate)
+    return task.evaluate(model, loader, dataset, device=device, amp=amp, voc=voc, distributed=world > 1,
+                         breakdown=breakdown)

@@ -65,6 +65,7 @@ __all__ = [
     "check_program",
     "check_retinanet_onnx",
     "check_retinanet_program",
+    "checkpoint_normalization",
     "compare_detections",
     "example_input",
     "export_onnx",
@@ -95,6 +96,23 @@ def _is_checkpoint(path: Path) -> bool:
         return False
 
 
+def checkpoint_normalization(spec, model: nn.Module | None = None) -> tuple[list[float] | None, list[float] | None]:
+    """The input mean / std a checkpoint's model was trained with: a classifier's recorded ``spec.mean`` /
+    ``spec.std``, or, for a checkpoint that does not record them, the normalisation the classification task
+    trains ``spec.backbone`` with (:meth:`~vertebra.engine.tasks.ClassificationTask.normalization`: its training
+    set's, e.g. CIFAR-10's for resnet110_sd); a RetinaNet's, its preprocessing's ``image_mean`` / ``image_std``."""
+    if spec.mean is not None and spec.std is not None:
+        return [float(v) for v in spec.mean], [float(v) for v in spec.std]
+    transform = getattr(model, "transform", None)
+    if spec.task == "det" and transform is not None and hasattr(transform, "image_mean"):
+        return ([float(v) for v in transform.image_mean.flatten()], [float(v) for v in transform.image_std.flatten()])
+    if spec.task == "cls":
+        from ..engine.tasks import ClassificationTask
+
+        return ClassificationTask.normalization(spec.backbone)
+    return None, None
+
+
 def load_for_export(target: str, *, num_classes: int | None = None, features_only: bool = False,
                     out_strides=None, weights: str | None = None, detector: str | None = None,
                     min_size: int | None = None, pretrained=None) -> tuple[nn.Module, dict[str, Any]]:
@@ -110,7 +128,8 @@ def load_for_export(target: str, *, num_classes: int | None = None, features_onl
 
         model, state = load_model(p)
         spec = ModelSpec.from_dict(state.get("model", {}))
-        info = {"categories": spec.categories, "source": str(p), "mean": spec.mean, "std": spec.std}
+        mean, std = checkpoint_normalization(spec, model)
+        info = {"categories": spec.categories, "source": str(p), "mean": mean, "std": std}
         if features_only and not isinstance(model, RetinaNet):
             model.configure_outputs(features_only=True, out_strides=out_strides)
         return model.eval(), info

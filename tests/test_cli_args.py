@@ -132,13 +132,13 @@ def test_a_missing_path_is_a_usage_error(words, flag, files, capsys):
     (["train", "--progressive", "24:0.5", "--backbone", "resnet18"], "argument --progressive: invalid value 24: "
                                                                      "resnet18 needs inputs of at least 32 px"),
     (["train", "--schedule-on-time"], "argument --schedule-on-time: the schedule runs over the time budget"),
-    (["train", "--amp", "fp16", "--device", "cpu"], "argument --amp: fp16 is for CUDA"),
+    (["train", "--dtype", "fp16", "--device", "cpu"], "argument --dtype: fp16 is for CUDA"),
     (["predict", "{img}", "--pretrained", "--score-thresh", "1.5"], "must be a number in [0, 1]"),
     (["bench", "--runs", "0"], "argument --runs: invalid value '0': must be an integer >= 1"),
-    (["bench", "alexnet", "--input", "32"], "argument --input: invalid value 32: alexnet needs inputs of at least"),
+    (["bench", "alexnet", "--size", "32"], "argument --size: invalid value 32: alexnet needs inputs of at least"),
     (["bench", "--dtype", "fp16"], "argument --dtype: fp16 is for CUDA"),
-    (["info", "resnet18", "--input", "20"], "argument --input: invalid value 20: resnet18 needs inputs of at least"),
-    (["export", "alexnet", "--input", "40"], "argument --input: invalid value 40: alexnet needs inputs of at least"),
+    (["info", "resnet18", "--size", "20"], "argument --size: invalid value 20: resnet18 needs inputs of at least"),
+    (["export", "alexnet", "--size", "40"], "argument --size: invalid value 40: alexnet needs inputs of at least"),
     (["export", "resnet18", "--opset", "11"], "argument --opset: invalid value '11': must be an integer >= 17"),
     (["classify", "{img}", "--backbone", "resnet18", "--topk", "0"], "argument --topk: invalid value '0'"),
     (["data", "shapes", "--out", "{tmp}/s", "--size", "16"], "argument --size: invalid value '16': must be an "

@@ -271,10 +271,10 @@ def test_bf16_refused_where_the_cpu_has_none(shapes, trained, tmp_path, monkeypa
         vertebra.optimize_for_inference(vertebra.create_backbone("resnet18", num_classes=2), dtype=torch.bfloat16)
     image = str(shapes / "val" / "000000.jpg")
     runs = [["predict", image, "--checkpoint", str(trained / "last.safetensors"), "--out", str(tmp_path / "p"),
-             "--device", "cpu", "--bf16"],
+             "--device", "cpu", "--dtype", "bf16"],
             ["train", "--data", str(shapes), "--backbone", BACKBONE, "--size", str(SIZE), "--epochs", "1",
-             "--device", "cpu", "--amp", "bf16", "--out", str(tmp_path / "run"), "--no-progress"]]
-    for argv, flag in zip(runs, ["--bf16", "--amp"]):
+             "--device", "cpu", "--dtype", "bf16", "--out", str(tmp_path / "run"), "--no-progress"]]
+    for argv, flag in zip(runs, ["--dtype", "--dtype"]):
         assert _cli(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         # argparse's usage, then one line naming the flag
@@ -306,7 +306,7 @@ def test_predict_and_eval_commands(shapes, trained, tmp_path):
     # refuses it in one line (test_bf16_refused_where_the_cpu_has_none)
     if cpu_bf16_supported():
         assert _cli(["predict", *images, "--checkpoint", str(ck), "--out", str(tmp_path / "pred16"),
-                     "--score-thresh", "0.0", "--device", "cpu", "--bf16"]) == 0
+                     "--score-thresh", "0.0", "--device", "cpu", "--dtype", "bf16"]) == 0
         res16 = json.loads((tmp_path / "pred16" / "predictions.json").read_text())
         assert [r["image"] for r in res16] == images and (tmp_path / "pred16" / "000000.jpg").is_file()
     out = tmp_path / "eval.json"
@@ -620,3 +620,158 @@ def test_old_checkpoint_descriptions_load():
         TrainConfig(task="seg").validate()
     with pytest.raises(ValueError, match="give one data source"):
         TrainConfig(source=DataSource(data="/a", voc="/b")).validate()
+
+
+def _train_argv(shapes, *extra):
+    return ["train", "--data", str(shapes), "--backbone", BACKBONE, "--size", str(SIZE), "--batch", "4", "--epochs",
+            "1", "--max-steps", "2", "--no-progress", "--detector-kw", "fpn_channels=32", "--head-convs", "1",
+            "--device", "cpu", "--threads", "1", *extra]
+
+
+def test_a_second_run_never_overwrites_the_first(shapes, tmp_path, monkeypatch, capsys):
+    """A given --out that holds a run is refused (its files stay byte-identical); the default folder becomes NAME-2,
+    as ultralytics does; --exist-ok writes over; --resume continues."""
+    out = tmp_path / "run"
+    assert _cli(_train_argv(shapes, "--out", str(out))) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert _cli(_train_argv(shapes, "--out", str(out), "--seed", "1")) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{out}: holds a run already" in err and "--resume" in err and "--name" in err and "--exist-ok" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert _cli(_train_argv(shapes, "--out", str(out), "--exist-ok")) == 0
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        assert _cli(_train_argv(shapes, "--name", "default")) == 0
+    assert (tmp_path / "runs" / "default" / "last.safetensors").is_file()
+    config = json.loads((tmp_path / "runs" / "default-2" / "config.json").read_text())
+    assert config["out"] == str(Path("runs") / "default-2")
+
+
+def test_old_flag_spellings_warn_and_help_shows_defaults(capsys):
+    from vertebra.cli import build_parser
+
+    p = build_parser()
+    a = p.parse_args(["train", "--amp"])
+    assert a.dtype == "auto" and "--amp is now --dtype auto" in capsys.readouterr().err
+    assert p.parse_args(["train", "--amp", "bf16"]).dtype == "bf16"
+    a = p.parse_args(["predict", "x.jpg", "--pretrained", "--bf16"])
+    assert a.dtype == "bf16" and "--bf16 is now --dtype bf16" in capsys.readouterr().err
+    assert p.parse_args(["bench", "--input", "64"]).size == 64
+    assert p.parse_args(["bench", "--det-size", "64"]).size == 64
+    assert p.parse_args(["export", "resnet18", "--input", "64"]).size == 64
+    assert p.parse_args(["info", "resnet18", "--input", "64"]).size == 64
+    with pytest.raises(SystemExit):
+        p.parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--epochs EPOCHS training epochs (default 12)" in text and "(default: sgd)" in text
+    assert "--amp" not in text  # the old spellings are hidden
+    with pytest.raises(SystemExit) as e:
+        p.parse_args(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("vertebra ")
+
+
+def test_every_flag_has_help():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_cli_args import commands
+
+    missing = [(w, a.option_strings) for w, p in commands().items() for a in p._actions
+               if a.option_strings and not a.help]
+    assert missing == []
+
+
+def test_config_replays_a_run(shapes, tmp_path):
+    assert _cli(_train_argv(shapes, "--out", str(tmp_path / "a"), "--lr", "0.003", "--optimizer", "adamw")) == 0
+    # the same settings from the run's config.json, one changed on top
+    assert _cli(["train", "--config", str(tmp_path / "a" / "config.json"), "--out", str(tmp_path / "b"),
+                 "--lr", "0.002"]) == 0
+    a = json.loads((tmp_path / "a" / "config.json").read_text())
+    b = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert b["lr"] == 0.002 and a["lr"] == 0.003
+    same = {k for k in a if k not in ("lr", "out", "scaled_lr")}
+    assert {k: a[k] for k in same} == {k: b[k] for k in same}
+    (tmp_path / "bad.json").write_text("[1]")
+    assert _cli(["train", "--config", str(tmp_path / "bad.json")]) == 2
+
+
+def test_predict_globs_per_image_json_yolo_txt_and_video(shapes, trained, tmp_path, monkeypatch, capsys):
+    import sys
+    import types
+
+    import numpy as np
+
+    from vertebra.engine.tasks import DetectionTask
+
+    ck = str(trained / "last.safetensors")
+    out = tmp_path / "p"
+    real = DetectionTask.predict
+    box = {"bbox_xyxy": [10.0, 20.0, 58.0, 44.0], "score": 0.9, "label": 2, "category": "triangle", "category_id": 3}
+    monkeypatch.setattr(DetectionTask, "predict", lambda self, *a, **k: {"detections": [box]})
+    assert _cli(["predict", str(shapes / "val" / "00000[01].jpg"), "--checkpoint", ck, "--out", str(out),
+                 "--save-txt", "--device", "cpu"]) == 0
+    one = json.loads((out / "000000.json").read_text())
+    assert one["image"].endswith("000000.jpg") and one["detections"] == [box] and (out / "000001.json").is_file()
+    h, w = one["height"], one["width"]
+    assert (out / "labels" / "000000.txt").read_text() == \
+        f"2 {34 / w:.6f} {32 / h:.6f} {48 / w:.6f} {24 / h:.6f} 0.9000\n"  # label cx cy w h score, normalised
+    monkeypatch.setattr(DetectionTask, "predict", real)
+    assert _cli(["predict", str(tmp_path / "*.nothing"), "--checkpoint", ck, "--out", str(out)]) == 2
+    # a video without PyAV: skipped with the reason; with a stand-in PyAV: one JSON with its frames
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"not decoded by the stand-in")
+    capsys.readouterr()
+    assert _cli(["predict", str(video), "--checkpoint", ck, "--out", str(tmp_path / "v0")]) == 2
+    assert "reading video needs PyAV (pip install av)" in " ".join(capsys.readouterr().err.split())
+
+    class Frame:
+        def __init__(self, k):
+            self.k = k
+
+        def to_ndarray(self, format):
+            return np.full((SIZE, SIZE, 3), 40 * self.k, dtype=np.uint8)
+
+    class Container:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def decode(self, video):
+            return (Frame(k) for k in range(3))
+
+    monkeypatch.setitem(sys.modules, "av", types.SimpleNamespace(open=lambda path: Container()))
+    assert _cli(["predict", str(video), "--checkpoint", ck, "--out", str(tmp_path / "v"), "--score-thresh",
+                 "0"]) == 0
+    clip = json.loads((tmp_path / "v" / "clip.json").read_text())
+    assert clip["video"] == str(video) and [f["frame"] for f in clip["frames"]] == [0, 1, 2]
+    assert sorted(p.name for p in (tmp_path / "v" / "clip").iterdir()) == ["000000.jpg", "000001.jpg", "000002.jpg"]
+
+
+def test_no_progress_prints_status_lines(shapes, tmp_path, caplog):
+    """Without a progress bar a line every 10 log intervals (or minute): step, loss, images/s, ETA."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="vertebra.engine"):
+        Trainer(det_config(shapes, tmp_path / "r", epochs=3, log_every=1, eval_every=100)).fit()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(lines) == 1 and lines[0].startswith("step 10/12 (epoch 2.50): loss "), lines
+    assert "img/s" in lines[0] and "ETA" in lines[0]
+
+
+def test_an_unknown_keyword_names_the_closest(shapes, tmp_path, capsys):
+    assert _cli(_train_argv(shapes, "--out", str(tmp_path / "r"), "--detector-kw", "fpn_channel=128")) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "unknown argument 'fpn_channel'; closest: fpn_channels" in err and "Traceback" not in err, err
+
+
+def test_weights_not_in_the_cache_offline_is_one_line(shapes, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VERTEBRA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("VERTEBRA_OFFLINE", "1")
+    argv = _train_argv(shapes, "--out", str(tmp_path / "r"), "--pretrained")
+    argv[argv.index(BACKBONE)] = "resnet18"
+    assert _cli(argv) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "is not in the cache and VERTEBRA_OFFLINE is set" in err and "Traceback" not in err, err

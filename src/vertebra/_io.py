@@ -54,6 +54,29 @@ class RunLock:
         self.path = Path(folder) / ".lock"
         self._fd: int | None = None
 
+    def holder(self) -> str | None:
+        """Whether another process holds the lock now (its pid, or "" if unknown), None if not; writes nothing."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return None
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return os.read(fd, 32).decode("ascii", "replace").strip()
+        finally:
+            os.close(fd)  # drops the probe's shared lock
+        return None
+
+    def busy_error(self, holder: str) -> RunLockedError:
+        return RunLockedError(f"{self.path.parent}: another run is using this folder"
+                              f"{f' (pid {holder})' if holder else ''}; wait for it to end, or give this run its own "
+                              "--out or --name")
+
     def acquire(self) -> RunLock:
         try:
             import fcntl
@@ -69,9 +92,7 @@ class RunLock:
                 raise
             holder = os.read(fd, 32).decode("ascii", "replace").strip()
             os.close(fd)
-            raise RunLockedError(f"{self.path.parent}: another run is using this folder"
-                                 f"{f' (pid {holder})' if holder else ''}; wait for it to end, or give this run "
-                                 "its own --out or --name") from None
+            raise self.busy_error(holder) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd

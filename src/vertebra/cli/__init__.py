@@ -13,14 +13,17 @@ import argparse
 import sys
 
 from . import bench, classify, data, export, train, weights
-from ._args import UsageError
+from ._args import HelpFormatter, UsageError
 from ._console import console, err_console, print_error
 
 __all__ = ["build_parser", "main", "console", "err_console"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     p = argparse.ArgumentParser(prog="vertebra", description="The classic CNN backbones of object detection.")
+    p.add_argument("--version", action="version", version=f"vertebra {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     bench.register(sub)
     train.register(sub)
@@ -28,12 +31,27 @@ def build_parser() -> argparse.ArgumentParser:
     weights.register(sub)
     export.register(sub)
     data.register(sub)
+    _each_parser(p, lambda q: setattr(q, "formatter_class", HelpFormatter))  # every flag's help shows its default
     return p
+
+
+def _each_parser(p: argparse.ArgumentParser, fn) -> None:
+    fn(p)
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for q in action.choices.values():
+                _each_parser(q, fn)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "config", None) is not None:  # train --config: the run's settings, the flags given on top
+        try:
+            args._parser.set_defaults(**train.config_defaults(args.config))
+        except ValueError as e:
+            args._parser.error(f"argument --config: {e}")
+        args = parser.parse_args(argv)
     check = getattr(args, "_check", None)
     if check is not None:
         try:

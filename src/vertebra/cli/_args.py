@@ -14,7 +14,8 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["UsageError", "integer", "number", "existing_file", "existing_dir", "file_or_url", "device",
+__all__ = ["UsageError", "Renamed", "HelpFormatter", "integer", "number", "existing_file", "existing_dir",
+           "file_or_url", "device",
            "POSITIVE_INT", "COUNT", "SEED", "SIZE", "POSITIVE", "NON_NEGATIVE", "FRACTION", "PROBABILITY",
            "check_size_for", "check_precision"]
 
@@ -129,6 +130,40 @@ def device(text: str) -> str:
 
 for _f, _name in ((file_or_url, "file or URL"), (device, "device")):
     _typed(_f, _name)
+
+
+# --------------------------------------------------------------------------------------------- words
+
+
+class Renamed(argparse.Action):
+    """An old spelling of a flag, kept for one release: it stores into the new flag's dest (``const`` for a flag
+    without a value, as ``--bf16`` for ``--dtype bf16``) and says on stderr what the flag is called now. Hidden from
+    ``--help``."""
+
+    def __init__(self, option_strings, dest, *, new: str, nargs=None, const=None, **kw):
+        kw.setdefault("help", argparse.SUPPRESS)
+        super().__init__(option_strings, dest, nargs=nargs, const=const, **kw)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import sys
+
+        value = self.const if values is None or values == [] else values
+        shown = f"{self.new} {value}" if self.nargs != 0 else f"{self.new} {self.const}"
+        print(f"warning: {option_string} is now {shown} (the old spelling goes after this release)", file=sys.stderr)
+        setattr(namespace, self.dest, value)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's, with each flag's default appended where its help does not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default in (None, False, [], argparse.SUPPRESS) or not action.option_strings
+                or action.nargs == 0):
+            return text
+        return f"{text} (default: {default})"
 
 
 # --------------------------------------------------------------------------------------------- cross-flag checks

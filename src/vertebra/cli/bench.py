@@ -58,10 +58,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     from ..registry import backbone_spec, create_backbone
 
     spec = backbone_spec(args.name)
-    size = tuple(spec.input_size) if args.input is None else (spec.input_size[0], args.input, args.input)
+    size = tuple(spec.input_size) if args.size is None else (spec.input_size[0], args.size, args.size)
     with torch.device("meta"):
         model = create_backbone(args.name)
-        feats = model.forward_features(torch.empty(1, *size))
+        feats = model.forward_intermediates(torch.empty(1, *size), intermediates_only=True)
     macs = count_macs(model, size)
     params = count_params(model)
     t = Table(title=f"{spec.name}", show_header=False)
@@ -94,18 +94,21 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def check_info(args: argparse.Namespace) -> None:
-    A.check_size_for(args.name, {"--input": args.input})
+    A.check_size_for(args.name, {"--size": args.size})
 
 
 def check_bench(args: argparse.Namespace) -> None:
+    from ..devices import default_device
     from ..precision import check_dtype
 
+    device = default_device() if args.device is None else args.device
     try:
-        check_dtype(None if args.dtype == "fp32" else args.dtype, args.device, flag=f"--dtype {args.dtype}")
+        check_dtype(None if args.dtype == "fp32" else args.dtype, device, flag=f"--dtype {args.dtype}")
     except ValueError as e:
         raise A.UsageError("--dtype", str(e).split(": ", 1)[-1]) from None
     for name in args.names:
-        A.check_size_for(name, {"--input": args.input})
+        if args.task == "cls":
+            A.check_size_for(name, {"--size": args.size})
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -117,12 +120,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ..bench.measure import BenchConfig
     from ..bench.report import bench_table, write_report
     from ..bench.runner import default_out_dir, plan_bench, run_bench
+    from ..devices import default_device
 
-    device = args.device
+    device = default_device() if args.device is None else args.device
     batch = args.batch if args.batch is not None else 8 if device.startswith("cuda") else 4
-    cfg = BenchConfig(input=args.input, batch=batch, device=device,
+    det_size = 512 if args.size is None or args.task == "cls" else args.size
+    cfg = BenchConfig(input=args.size if args.task == "cls" else None, batch=batch, device=device,
                       dtype=args.dtype, channels_last=args.channels_last, compile=args.compile, task=args.task,
-                      det_size=args.det_size, eager=args.eager, train=not args.no_train, runs=args.runs)
+                      det_size=det_size, eager=args.eager, train=not args.no_train, runs=args.runs)
     plan = plan_bench(args.names, cfg, family=args.family, compare=args.compare)
     for msg in plan.notes:
         err_console.print(f"[yellow]{msg}[/]")
@@ -158,9 +163,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0 if any(r["status"] == "ok" for r in run.rows) else 1
 
 
-integer_at_least_32 = A.integer(32)
-
-
 def register(subparsers) -> None:
     """Add ``list``, ``info`` and ``bench``."""
     from ..bench.runner import MODES
@@ -171,22 +173,25 @@ def register(subparsers) -> None:
 
     sp = subparsers.add_parser("info", help="one network: its spec, size, compute and feature_info")
     sp.add_argument("name", help="a registered network (vertebra list)")
-    sp.add_argument("--input", type=A.SIZE, help="square input size (default: the paper's)")
+    sp.add_argument("--size", type=A.SIZE, help="square input size (default: the paper's)")
+    sp.add_argument("--input", dest="size", action=A.Renamed, new="--size", type=A.SIZE)
     sp.set_defaults(handler=cmd_info, _check=check_info, _parser=sp)
 
     sp = subparsers.add_parser("bench", help="measure backbones side by side: table, CSV/JSON, plots, HTML report")
     sp.add_argument("names", nargs="*", help="networks (default: one headline variant of each survey network)")
     sp.add_argument("--family", help="every network of one family")
-    sp.add_argument("--input", type=A.SIZE, help="square input size (default: each network's paper input)")
+    sp.add_argument("--size", type=A.SIZE,
+                    help="square input size (default: each network's paper input; --task det: 512)")
+    sp.add_argument("--input", dest="size", action=A.Renamed, new="--size", type=A.SIZE)
     sp.add_argument("--batch", type=A.POSITIVE_INT,
                     help="batch for throughput and the training step (default 4 CPU, 8 CUDA)")
-    sp.add_argument("--device", type=A.device, default="cpu", help="cpu or cuda[:N] (default cpu)")
+    sp.add_argument("--device", type=A.device, default=None, help="cpu or cuda[:N] (default: cuda when available)")
     sp.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="default fp32")
     sp.add_argument("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction, default=True,
                     help="channels_last memory format (default on)")
     sp.add_argument("--compile", action="store_true", help="torch.compile each model")
     sp.add_argument("--task", default="cls", choices=list(MODES), help="cls: the backbone; det: inside RetinaNet")
-    sp.add_argument("--det-size", type=integer_at_least_32, default=512, help="detection input size (--task det)")
+    sp.add_argument("--det-size", dest="size", action=A.Renamed, new="--size", type=A.integer(32))
     sp.add_argument("--compare", action="store_true", help="also measure the torchvision/timm twins, with a ratio")
     sp.add_argument("--eager", action="store_true", help="vertebra without its inference path (no BN folding)")
     sp.add_argument("--no-train", action="store_true", help="skip the training-step measurement")

@@ -37,24 +37,35 @@ def register(subparsers) -> None:
     p.set_defaults(handler=cmd_classify)
 
 
-def find_images(paths) -> tuple[list[Path], list[Path]]:
+def find_images(paths, videos: bool = False) -> tuple[list[Path], list[Path]]:
     """(image files, other files) of ``paths``: a file is taken as it is (it may still fail to decode), a folder
-    gives its image files by extension, sorted, and the files it holds that are not images. A path that does not
-    exist, or a folder with no image at all, raises :class:`vertebra.data.MissingImageError`."""
-    from ..data import IMAGE_EXTENSIONS, MissingImageError
+    gives its image files by extension, sorted, and the files it holds that are not images; a glob pattern
+    (``photos/*.jpg``, ``**`` too) its matches. ``videos``: video files count as images. A path that does not exist,
+    a pattern that matches nothing, or a folder with no image at all, raises
+    :class:`vertebra.data.MissingImageError`."""
+    import glob
 
+    from ..data import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MissingImageError
+
+    media = IMAGE_EXTENSIONS + (VIDEO_EXTENSIONS if videos else ())
     out: list[Path] = []
     other: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
             files = sorted(f for f in p.iterdir() if f.is_file())
-            found = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
+            found = [f for f in files if f.suffix.lower() in media]
             if not found:
-                raise MissingImageError(f"{p}: a folder with no image files ({', '.join(IMAGE_EXTENSIONS)})")
+                raise MissingImageError(f"{p}: a folder with no image files ({', '.join(media)})")
             out.extend(found)
-            other.extend(f for f in files if f.suffix.lower() not in IMAGE_EXTENSIONS)
+            other.extend(f for f in files if f.suffix.lower() not in media)
         elif p.is_file():
             out.append(p)
+        elif glob.has_magic(str(p)):  # a pattern the shell did not expand (quoted, or on Windows)
+            matched = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
+            if not matched:
+                raise MissingImageError(f"{p}: no file matches the pattern")
+            out.extend(m for m in matched if m.suffix.lower() in media)
+            other.extend(m for m in matched if m.suffix.lower() not in media)
         else:
             raise MissingImageError(f"{p}: image file not found")
     return out, other

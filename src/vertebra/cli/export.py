@@ -25,7 +25,8 @@ def register(subparsers) -> None:
     sp.add_argument("--format", default="onnx", choices=["onnx", "pt2", "both"], help="default onnx")
     sp.add_argument("--opset", type=A.integer(17), default=DEFAULT_OPSET,
                     help=f"ONNX opset (17 or newer, default {DEFAULT_OPSET})")
-    sp.add_argument("--input", type=A.SIZE, help="square input size (backbones: default the paper's; RetinaNet: the "
+    sp.add_argument("--input", dest="size", action=A.Renamed, new="--size", type=A.SIZE)
+    sp.add_argument("--size", type=A.SIZE, help="square input size (backbones: default the paper's; RetinaNet: the "
                                               "canvas size, default its min_size rounded up to the pad multiple)")
     sp.add_argument("--batch", type=A.POSITIVE_INT, default=1, help="batch of the example input (default 1)")
     sp.add_argument("--dynamic-batch", action="store_true", help="leave the batch axis dynamic")
@@ -47,10 +48,10 @@ def register(subparsers) -> None:
 
 
 def check_export(args) -> None:
-    """--input against the network's smallest input (a registered backbone; a checkpoint and a detector's canvas are
+    """--size against the network's smallest input (a registered backbone; a checkpoint and a detector's canvas are
     checked by the export itself)."""
     if args.detector is None and not args.target.endswith(".safetensors"):
-        A.check_size_for(args.target, {"--input": args.input})
+        A.check_size_for(args.target, {"--size": args.size})
 
 
 def _print(msg: str) -> None:
@@ -62,12 +63,12 @@ def _retinanet_plan(model, args, info):
     from .. import export as E
 
     d = int(model.transform.size_divisible)
-    size = args.input or int(math.ceil(model.transform.min_size[-1] / d) * d)
+    size = args.size if args.size is not None else int(math.ceil(model.transform.min_size[-1] / d) * d)
     if size % d:
-        raise ValueError(f"--input {size}: the RetinaNet canvas must be a multiple of {d}")
+        raise ValueError(f"--size {size}: the RetinaNet canvas must be a multiple of {d}")
     if args.dynamic_size:
         raise ValueError("--dynamic-size: a RetinaNet export has a fixed canvas (its anchors are constants); "
-                         "choose the canvas with --input")
+                         "choose the canvas with --size")
     batch, sizes, _ = E.sample_detection_batch(size, n=max(2, args.batch))
     exporters = {
         "onnx": lambda path: E.export_retinanet_onnx(model, path, size, batch=args.batch, opset=args.opset,
@@ -87,7 +88,7 @@ def _retinanet_plan(model, args, info):
 def _backbone_plan(model, args, info, name):
     from .. import export as E
 
-    example = E.example_input(model, args.input, args.batch)
+    example = E.example_input(model, args.size, args.batch)
     inputs = E.sample_inputs(example, args.dynamic_batch, args.dynamic_size, getattr(model, "min_input_size", 1))
     dyn = dict(dynamic_batch=args.dynamic_batch, dynamic_size=args.dynamic_size)
     exporters = {

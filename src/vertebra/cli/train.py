@@ -19,7 +19,15 @@ __all__ = ["register", "config_from_args", "cmd_train", "cmd_eval", "cmd_predict
 
 EXIT_ERROR = 2
 EXIT_NONFINITE = 3
-_AMP = dict(nargs="?", const="auto", choices=("auto", "bf16", "fp16"), default=None)
+_DTYPE = dict(choices=("fp32", "bf16", "fp16", "auto"), default=None, metavar="{fp32,bf16,fp16,auto}",
+              help="precision of the network (mixed, autocast): bf16 on a CPU with bf16 convolutions, fp16 on CUDA "
+                   "(with GradScaler), auto the faster of the two for the device, fp32 (the default) none")
+
+
+def _add_dtype(p) -> None:
+    p.add_argument("--dtype", **_DTYPE)
+    p.add_argument("--amp", dest="dtype", action=A.Renamed, new="--dtype", nargs="?", const="auto",
+                   choices=("auto", "bf16", "fp16"))
 
 
 def _kv(text: str) -> tuple[str, Any]:
@@ -126,7 +134,7 @@ def _add_train_parser(subparsers) -> None:
     o.add_argument("--epochs", type=A.POSITIVE_INT, default=12, help="training epochs (default 12)")
     o.add_argument("--lr", type=A.POSITIVE, default=None, help="base learning rate (default by optimizer: sgd 0.01, "
                                                           "adamw 1e-3, rmsprop 0.045*batch/32)")
-    o.add_argument("--optimizer", choices=("sgd", "adamw", "rmsprop"), default="sgd")
+    o.add_argument("--optimizer", choices=("sgd", "adamw", "rmsprop"), default="sgd", help="the optimizer")
     o.add_argument("--weight-decay", type=A.NON_NEGATIVE, default=None,
                    help="default by optimizer: sgd 1e-4, adamw 0.05, rmsprop 4e-5")
     o.add_argument("--schedule", choices=("cosine", "step", "inception", "constant"), default="cosine",
@@ -139,7 +147,7 @@ def _add_train_parser(subparsers) -> None:
                         "--size. E.g. 128:0.5,192:0.75")
     o.add_argument("--step-epochs", type=A.POSITIVE_INT, nargs="*", default=[],
                    help="step schedule: epochs where lr x0.1")
-    o.add_argument("--amp", **_AMP, help="mixed precision: bf16 on CPU, fp16 (GradScaler) on CUDA, or as given")
+    _add_dtype(o)
     o.add_argument("--ema", nargs="?", type=A.FRACTION, const=0.9998, default=None, metavar="DECAY",
                    help="evaluate a running average of the weights (default decay 0.9998)")
     o.add_argument("--clip", nargs="?", type=A.POSITIVE, const=2.0, default=None, metavar="NORM",
@@ -149,10 +157,16 @@ def _add_train_parser(subparsers) -> None:
     o.add_argument("--aux-weight", type=A.NON_NEGATIVE, default=None, help="auxiliary classifier loss weight "
                                                                   "(GoogLeNet 0.3, Inception-v3 0.4)")
     r = p.add_argument_group("run")
+    r.add_argument("--config", metavar="JSON", type=A.existing_file,
+                   help="replay a run's settings (its config.json, or a checkpoint's .json); any flag given on top "
+                        "overrides them")
     r.add_argument("--device", type=A.device, default=None,
                    help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     r.add_argument("--out", default=None, help="run folder (default runs/NAME)")
     r.add_argument("--name", default=None, help="run name (default <task>_<backbone>)")
+    r.add_argument("--exist-ok", action="store_true",
+                   help="write into a run folder that holds a run (without it a new run never overwrites one: the "
+                        "default folder becomes NAME-2, NAME-3 ..., a given --out is refused)")
     r.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT", type=A.existing_file,
                    help="continue the run in --out (its last.safetensors) or from CHECKPOINT")
     r.add_argument("--max-minutes", type=A.POSITIVE, default=None, help="stop after this much training time")
@@ -197,7 +211,7 @@ def register(subparsers) -> None:
     _add_data_args(e, for_eval=True)
     e.add_argument("--device", type=A.device, default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     e.add_argument("--size", type=A.SIZE, default=None, help="input size (default: the training size)")
-    e.add_argument("--amp", **_AMP)
+    _add_dtype(e)
     e.add_argument("--no-ema", action="store_true", help="use the raw weights, not the running average")
     e.add_argument("--voc-metric", action="store_true", help="also Pascal VOC07/VOC12 mAP@0.5")
     e.add_argument("--per-class", action="store_true",
@@ -209,7 +223,8 @@ def register(subparsers) -> None:
                               description="Write each image with its boxes drawn and a JSON of the detections "
                                           "(label, category name, score, box), by a trained checkpoint or by "
                                           "a COCO-trained RetinaNet (--pretrained coco, no checkpoint needed).")
-    q.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders of them")
+    q.add_argument("images", nargs="+", metavar="SOURCE",
+                   help="image files, folders of them, glob patterns ('photos/*.jpg'), or video files (with PyAV)")
     w = q.add_mutually_exclusive_group(required=True)
     w.add_argument("--checkpoint", metavar="C", type=A.existing_file, help="a checkpoint of vertebra train")
     w.add_argument("--pretrained", nargs="?", const="coco", default=None, metavar="WEIGHTS",
@@ -218,14 +233,17 @@ def register(subparsers) -> None:
                         "(vertebra weights list shows them)")
     q.add_argument("--backbone", default="resnet50", help="the backbone of --pretrained (default resnet50)")
     q.add_argument("--out", default="predictions", metavar="DIR", help="output folder (default predictions/)")
+    q.add_argument("--save-txt", action="store_true",
+                   help="also labels/<stem>.txt per image in the YOLO format (label cx cy w h score, normalised)")
     q.add_argument("--score-thresh", type=A.PROBABILITY, default=0.3,
                    help="keep detections scoring at least this (default 0.3)")
     q.add_argument("--device", type=A.device, default=None,
                    help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     q.add_argument("--no-ema", action="store_true", help="use the raw weights, not the running average")
-    q.add_argument("--bf16", action="store_true",
-                   help="run the network in bfloat16 (about twice as fast on CPUs with bf16 instructions; scores "
+    q.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: the network in bfloat16 (about twice as fast on CPUs with bf16 instructions; scores "
                         "agree with float32 to about 2 decimals, boxes and NMS stay float32)")
+    q.add_argument("--bf16", dest="dtype", action=A.Renamed, new="--dtype", nargs=0, const="bf16")
     q.set_defaults(handler=cmd_predict, _check=check_predict, _parser=q)
 
 
@@ -242,6 +260,36 @@ def _source(args, **defaults):
 # --------------------------------------------------------------------------------------------- train
 
 
+def config_defaults(path: str) -> dict[str, Any]:
+    """The ``vertebra train`` parser defaults that replay the run described by ``path`` (a run's ``config.json``,
+    or a checkpoint's ``.json`` sidecar, whose ``config`` entry it is): every TrainConfig field by its flag's dest,
+    the data source's fields flattened, the key-value flags as their pairs. Raises ValueError naming the file."""
+    from ..engine.config import TrainConfig
+
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: not a run's config.json ({e})") from None
+    if isinstance(raw, dict) and isinstance(raw.get("config"), dict):  # a checkpoint's sidecar
+        raw = raw["config"]
+    if not isinstance(raw, dict) or "backbone" not in raw:
+        raise ValueError(f"{path}: not a run's config.json (no 'backbone')")
+    import dataclasses as dc
+
+    names = {f.name for f in dc.fields(TrainConfig)}
+    try:
+        cfg = TrainConfig.from_dict({k: v for k, v in raw.items() if k in names or k == "source"})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    out = {k: v for k, v in dc.asdict(cfg).items() if k not in ("source", "amp", "backbone_kwargs",
+                                                                 "detector_kwargs", "out", "name")}
+    out.update({k: v for k, v in cfg.source.to_dict().items()})
+    out["dtype"] = cfg.amp
+    out["backbone_kwargs"] = list(cfg.backbone_kwargs.items())
+    out["detector_kwargs"] = list(cfg.detector_kwargs.items())
+    return out
+
+
 def check_train(args) -> None:
     """The flags of ``vertebra train`` that must fit together, checked before any data is read: one data source,
     the precision the device runs, sizes the backbone takes (not on --resume: the run's own backbone decides)."""
@@ -254,11 +302,11 @@ def check_train(args) -> None:
                                            "not both")
     if args.schedule_on_time and args.max_minutes is None:
         raise A.UsageError("--schedule-on-time", "the schedule runs over the time budget: give --max-minutes too")
-    if args.amp is not None:
+    if args.dtype is not None:
         from ..precision import resolve_amp
 
         device = _device(args.device)
-        A.check_precision(resolve_amp(args.amp, device), device, f"--amp {args.amp}")
+        A.check_precision(resolve_amp(args.dtype, device), device, f"--dtype {args.dtype}")
     if not args.resume:
         sizes = {"--size": args.size}
         if args.progressive:
@@ -276,16 +324,16 @@ def check_eval(args) -> None:
             model = None
         if isinstance(model, dict) and isinstance(model.get("backbone"), str):
             A.check_size_for(model["backbone"], {"--size": args.size}, model.get("backbone_kwargs") or {})
-    if args.amp is not None:
+    if args.dtype is not None:
         from ..precision import resolve_amp
 
         device = _device(args.device)
-        A.check_precision(resolve_amp(args.amp, device), device, f"--amp {args.amp}")
+        A.check_precision(resolve_amp(args.dtype, device), device, f"--dtype {args.dtype}")
 
 
 def check_predict(args) -> None:
-    if args.bf16:
-        A.check_precision("bf16", _device(args.device), "--bf16")
+    if args.dtype == "bf16":
+        A.check_precision("bf16", _device(args.device), "--dtype bf16")
 
 
 def config_from_args(args):
@@ -301,7 +349,7 @@ def config_from_args(args):
     detector_kwargs = dict(args.detector_kwargs)
     if args.head_convs is not None:
         detector_kwargs["head_convs"] = args.head_convs
-    values.update(task=task, source=source, device=device, amp=resolve_amp(args.amp, device),
+    values.update(task=task, source=source, device=device, amp=resolve_amp(args.dtype, device),
                   batch=task_for(task).default_batch if args.batch is None else args.batch,
                   backbone_kwargs=dict(args.backbone_kwargs),
                   detector_kwargs=detector_kwargs, step_epochs=list(args.step_epochs),
@@ -323,6 +371,7 @@ def cmd_train(args) -> int:
     from ..engine.checkpoint import CheckpointError
     from ..engine.distributed import cleanup_distributed, is_main_process
     from ..engine.train import NonFiniteLossError, Trainer
+    from ..hub import WeightsError
 
     trainer = None
     try:
@@ -342,7 +391,7 @@ def cmd_train(args) -> int:
     except NonFiniteLossError as e:
         print_error(e, label=f"error{_where()}")
         return EXIT_NONFINITE
-    except (CheckpointError, DataError, FileNotFoundError, ValueError, KeyError, RunLockedError) as e:
+    except (CheckpointError, DataError, WeightsError, FileNotFoundError, ValueError, KeyError, RunLockedError) as e:
         print_error(e.args[0] if isinstance(e, KeyError) and e.args else e, label=f"error{_where()}")
         return EXIT_ERROR
     except Exception as e:  # a crash: say which process, then let the traceback (and torchrun's report) follow
@@ -392,32 +441,35 @@ def _print_per_class(metrics: dict[str, Any]) -> None:
 
 
 def cmd_eval(args) -> int:
-    from torch.utils.data import DataLoader
-
     from .._io import atomic_write
     from ..data import DataError
     from ..data.sources import DataSource
     from ..engine import load_model
     from ..engine.checkpoint import CheckpointError
+    from ..engine.evaluate import eval_process_group, evaluate_dataset
     from ..engine.tasks import ModelSpec, task_for
     from ..precision import resolve_amp
 
-    device = _device(args.device)
     try:
-        model, state = load_model(args.checkpoint, ema=not args.no_ema, device=device)
-        spec = ModelSpec.from_dict(state["model"])
-        task = task_for(spec.task)
-        run = DataSource.from_dict(state.get("config") or {})
-        source = run.for_eval(_source(args, voc_val_split=run.voc_val_split))
-        size = args.size if args.size is not None else spec.size or 256
-        ds, is_voc = task.eval_dataset(spec, source, size, voc_split=args.voc_split, skip_bad=args.skip_bad)
-        loader = DataLoader(ds, batch_size=8 if args.batch is None else args.batch, num_workers=args.workers,
-                            collate_fn=task.collate)
-        metrics = task.evaluate(model, loader, ds, device=device, amp=resolve_amp(args.amp, device),
-                                voc=is_voc or args.voc_metric, breakdown=args.per_class)
+        # under torchrun: each rank evaluates every W-th image; every rank gets the metrics of the whole set
+        with eval_process_group(_device(args.device)) as dist_info:
+            device = str(dist_info.device)
+            model, state = load_model(args.checkpoint, ema=not args.no_ema, device=device)
+            spec = ModelSpec.from_dict(state["model"])
+            task = task_for(spec.task)
+            run = DataSource.from_dict(state.get("config") or {})
+            source = run.for_eval(_source(args, voc_val_split=run.voc_val_split))
+            size = args.size if args.size is not None else spec.size or 256
+            ds, is_voc = task.eval_dataset(spec, source, size, voc_split=args.voc_split, skip_bad=args.skip_bad)
+            metrics = evaluate_dataset(task, model, ds, device=device,
+                                       batch_size=8 if args.batch is None else args.batch,
+                                       num_workers=args.workers, amp=resolve_amp(args.dtype, device),
+                                       voc=is_voc or args.voc_metric, breakdown=args.per_class)
     except (CheckpointError, DataError, FileNotFoundError, ValueError) as e:
         print_error(e)
         return EXIT_ERROR
+    if dist_info.rank != 0:  # rank 0 prints and writes
+        return 0
     metrics["images"] = len(ds)
     _print_metrics(metrics, f"{args.checkpoint} on {getattr(ds, 'name', getattr(ds, 'root', ''))}")
     if any(k.startswith("AP50/") for k in metrics):
@@ -435,39 +487,64 @@ def cmd_eval(args) -> int:
 
 
 def predict_images(model, state: dict[str, Any], paths: list[str], out_dir: Path, score_thresh: float = 0.3,
-                   device: str = "cpu", skipped: list[dict[str, str]] | None = None) -> list[dict[str, Any]]:
-    """Run a checkpoint's model on image files: ``predictions.json`` in ``out_dir`` and, for a detector,
-    ``<stem>.jpg`` with the boxes drawn; returns the JSON entries. An image that cannot be read raises its
-    :class:`~vertebra.data.ImageError`, or, given a ``skipped`` list, is appended to it (image, reason, error)
-    and left out."""
+                   device: str = "cpu", skipped: list[dict[str, str]] | None = None,
+                   save_txt: bool = False) -> list[dict[str, Any]]:
+    """Run a checkpoint's model on image (and video) files. Writes into ``out_dir``: ``<stem>.json`` per image (a
+    video: one JSON with a ``frames`` list, frame numbers from 0), for a detector ``<stem>.jpg`` with the boxes drawn
+    (a video: ``<stem>/<frame>.jpg``), ``predictions.json`` with every entry, and with ``save_txt`` YOLO labels
+    ``labels/<stem>.txt`` (``label cx cy w h score``, normalised). Returns the entries. An image that cannot be read
+    raises its :class:`~vertebra.data.ImageError`, or, given a ``skipped`` list, is appended to it (image, reason,
+    error) and left out."""
     import torch
 
     from .._io import atomic_write
-    from ..data import ImageError, read_image
+    from ..data import ImageError, is_video, read_image, read_video_frames
     from ..engine.tasks import ModelSpec, task_for
 
     spec = ModelSpec.from_dict(state["model"])
     task = task_for(spec.task)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results, names = [], set()
-    for path in paths:
+    results, stems = [], set()
+
+    def unique(stem: str) -> str:  # a.png and a.jpg of one folder: a and a-2, neither overwritten
+        name = next(n for n in (stem, *(f"{stem}-{k}" for k in range(2, len(paths) + 2))) if n not in stems)
+        stems.add(name)
+        return name
+
+    def one(img: torch.Tensor, where: str, picture_path: Path, txt_path: Path) -> dict[str, Any]:
+        entry: dict[str, Any] = {"image": where, "height": int(img.shape[1]), "width": int(img.shape[2])}
+        entry.update(task.predict(model, spec, img, device=device, score_thresh=score_thresh))
+        picture = task.render(img, entry)
+        if picture is not None:
+            picture_path.parent.mkdir(parents=True, exist_ok=True)
+            picture.save(picture_path, quality=92)
+            entry["output"] = str(picture_path)
+        if save_txt and "detections" in entry:
+            h, w = entry["height"], entry["width"]
+            lines = [f"{d['label']} {(b[0] + b[2]) / 2 / w:.6f} {(b[1] + b[3]) / 2 / h:.6f} {(b[2] - b[0]) / w:.6f} "
+                     f"{(b[3] - b[1]) / h:.6f} {d['score']:.4f}" for d in entry["detections"] for b in [d["bbox_xyxy"]]]
+            atomic_write(txt_path, "".join(line + "\n" for line in lines))
+        return entry
+
+    for path in map(Path, paths):
+        name = unique(path.stem)
         try:
-            img = read_image(path).as_subclass(torch.Tensor)
+            if is_video(path):
+                frames = []
+                for k, frame in read_video_frames(path):
+                    e = one(frame, f"{path}#{k}", out_dir / name / f"{k:06d}.jpg",
+                            out_dir / "labels" / name / f"{k:06d}.txt")
+                    frames.append({"frame": k, **{x: v for x, v in e.items() if x != "image"}})
+                entry = {"video": str(path), "frames": frames}
+            else:
+                img = read_image(path).as_subclass(torch.Tensor)
+                entry = one(img, str(path), out_dir / f"{name}.jpg", out_dir / "labels" / f"{name}.txt")
         except ImageError as e:
             if skipped is None:
                 raise
             skipped.append({"image": str(path), "reason": e.reason, "error": str(e)})
             continue
-        entry: dict[str, Any] = {"image": str(path), "height": int(img.shape[1]), "width": int(img.shape[2])}
-        entry.update(task.predict(model, spec, img, device=device, score_thresh=score_thresh))
-        picture = task.render(img, entry)
-        if picture is not None:
-            stem = Path(path).stem  # a.png and a.jpg of one folder: a.jpg and a-2.jpg, neither overwritten
-            name = next(n for n in (f"{stem}.jpg", *(f"{stem}-{k}.jpg" for k in range(2, len(paths) + 2)))
-                        if n not in names)
-            names.add(name)
-            picture.save(out_dir / name, quality=92)
-            entry["output"] = str(out_dir / name)
+        atomic_write(out_dir / f"{name}.json", json.dumps(entry, indent=1) + "\n")
         results.append(entry)
     atomic_write(out_dir / "predictions.json", json.dumps(results, indent=1) + "\n")
     return results
@@ -503,21 +580,26 @@ def cmd_predict(args) -> int:
     device = _device(args.device)
     skipped: list[dict[str, str]] = []
     try:
-        paths, ignored = find_images(args.images)
+        paths, ignored = find_images(args.images, videos=True)
         if args.pretrained is not None:
             model, state = pretrained_detector(args.backbone, args.pretrained, device)
         else:
             model, state = load_model(args.checkpoint, ema=not args.no_ema, device=device)
         # BN folded, channels_last, fused conv + ReLU (outputs equal within float rounding); bf16 on request
-        model = optimize_for_inference(model, inplace=True, dtype=torch.bfloat16 if args.bf16 else None)
-        results = predict_images(model, state, paths, Path(args.out), args.score_thresh, device, skipped=skipped)
+        model = optimize_for_inference(model, inplace=True, dtype=torch.bfloat16 if args.dtype == "bf16" else None)
+        results = predict_images(model, state, paths, Path(args.out), args.score_thresh, device, skipped=skipped,
+                                 save_txt=args.save_txt)
     except (CheckpointError, DataError, WeightsError, FileNotFoundError, ValueError) as e:
         print_error(e)
         return EXIT_ERROR
     task = task_for(ModelSpec.from_dict(state["model"]).task)
     plain = dict(markup=False, highlight=False, soft_wrap=True)
     for r in results:
-        console.print(f"{r['image']}: {task.summary_line(r)}", **plain)
+        if "frames" in r:
+            n = sum(len(f.get("detections", ())) for f in r["frames"])
+            console.print(f"{r['video']}: {len(r['frames'])} frames, {n} detections", **plain)
+        else:
+            console.print(f"{r['image']}: {task.summary_line(r)}", **plain)
     for s in skipped:
         print_error(s["error"], label="skipped")
     if ignored:

@@ -6,6 +6,7 @@ from .cifar import CIFAR, CIFAR10, CIFAR100, read_cifar_batch
 from .coco import CocoDetection, load_coco_json
 from .common import (
     IMAGE_EXTENSIONS,
+    VIDEO_EXTENSIONS,
     DataError,
     DetectionDataset,
     ImageError,
@@ -14,7 +15,9 @@ from .common import (
     collate_classification,
     collate_detection,
     image_size,
+    is_video,
     read_image,
+    read_video_frames,
 )
 from .folder import ImageFolder
 from .shapes import SHAPE_CLASSES, load_shapes, render_shapes_image, write_shapes
@@ -26,6 +29,9 @@ __all__ = [
     "CIFAR10",
     "CIFAR100",
     "IMAGE_EXTENSIONS",
+    "VIDEO_EXTENSIONS",
+    "is_video",
+    "read_video_frames",
     "SHAPE_CLASSES",
     "VOC_CLASSES",
     "CocoDetection",

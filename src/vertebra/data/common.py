@@ -43,6 +43,7 @@ except ImportError:  # pragma: no cover - a torchvision without image ops
 logger = logging.getLogger("vertebra.data")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 
 # Individual skip warnings logged per dataset before they are only counted (the summary line has them all).
 MAX_SKIP_WARNINGS = 20
@@ -57,6 +58,9 @@ __all__ = [
     "ImageError",
     "MissingImageError",
     "IMAGE_EXTENSIONS",
+    "VIDEO_EXTENSIONS",
+    "is_video",
+    "read_video_frames",
     "MAX_SIDE",
     "MAX_PIXELS",
     "read_image",
@@ -223,6 +227,34 @@ def read_image(path: str | os.PathLike, *, exif: bool = False, context: str = ""
         why = _short(e) if unsupported else _short(tv_err)
         raise ImageError(f"{p}: cannot decode image: {why}{ctx}") from None
     return tv_tensors.Image(out)
+
+
+def is_video(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a video file (by extension, :data:`VIDEO_EXTENSIONS`)."""
+    return Path(path).suffix.lower() in VIDEO_EXTENSIONS
+
+
+def read_video_frames(path: str | os.PathLike):
+    """Yield ``(frame number from 0, image)`` of a video file, each image as :func:`read_image` gives it, decoded
+    by PyAV (``pip install av``). Raises :class:`ImageError` naming the file when PyAV is missing or the video cannot
+    be decoded (the frames yielded before stay valid)."""
+    p = Path(path)
+    try:
+        import av
+    except ImportError:
+        raise ImageError(f"{p}: reading video needs PyAV (pip install av); or extract the frames as images "
+                         "first", "video needs PyAV") from None
+    try:
+        with av.open(str(p)) as container:
+            for k, frame in enumerate(container.decode(video=0)):
+                arr = np.ascontiguousarray(frame.to_ndarray(format="rgb24"))
+                yield k, tv_tensors.Image(torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0))
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise MissingImageError(f"{p}: video file not found") from None
+    except Exception as e:  # noqa: BLE001 - av.error.* (InvalidDataError, ...), OSError
+        raise ImageError(f"{p}: cannot decode video: {_short(e)}", "corrupt video") from None
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:

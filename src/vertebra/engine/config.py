@@ -76,6 +76,7 @@ class TrainConfig:
     # run
     out: str | None = None  # run folder, default runs/<name>
     name: str | None = None
+    exist_ok: bool = False  # write into a folder that holds a run (else the default one gets -2, -3 ...; out refuses)
     device: str = "cpu"
     seed: int = 0
     eval_every: int = 1  # epochs

@@ -55,11 +55,41 @@ from .records import MetricsLog, RunConsole, TrainWindow, data_counts, data_line
 from .sampling import EpochSampler, SeededDataset, micro_batches, rank_seed, seed_everything
 from .tasks import ModelSpec, Task, backbone_init, task_for
 
-__all__ = ["Trainer", "NonFiniteLossError", "train"]
+__all__ = ["Trainer", "NonFiniteLossError", "RunExistsError", "fresh_run_dir", "train"]
 
 #: what may change when a run resumes: how long and where it runs, not what it computes
 _RESUMABLE = ("epochs", "max_minutes", "max_steps", "progress", "workers", "device", "threads", "out", "eval_every",
-              "eval_every_minutes", "save_every", "log_every", "dist_backend", "dist_timeout")
+              "eval_every_minutes", "save_every", "log_every", "dist_backend", "dist_timeout", "exist_ok")
+#: what makes a folder a run's: a new run never writes into one (unless exist_ok)
+_RUN_FILES = ("config.json", "last.safetensors", "metrics.csv")
+
+
+class RunExistsError(ValueError):
+    """The run folder holds a run and the new one would overwrite it."""
+
+
+def fresh_run_dir(cfg: TrainConfig) -> Path:
+    """The folder a new run writes: ``cfg.run_dir()`` when it holds no run (or ``exist_ok``); for the default folder
+    (no ``out``) the first free ``<name>-2``, ``<name>-3`` ... as ultralytics does; a given ``out`` that holds a run
+    raises :class:`RunExistsError` naming ``--resume``, ``--name`` and ``--exist-ok``."""
+    base = cfg.run_dir()
+
+    def taken(d: Path) -> bool:
+        return any((d / f).exists() for f in _RUN_FILES)
+
+    if cfg.exist_ok or not taken(base):
+        return base
+    if cfg.out is not None:
+        holder = RunLock(base).holder()
+        if holder is not None:  # a run that is still going: say that, not only that the folder is taken
+            raise RunLock(base).busy_error(holder)
+        raise RunExistsError(f"{base}: holds a run already ({', '.join(f for f in _RUN_FILES if (base / f).exists())});"
+                             " continue it with --resume, start another with --name NAME or another --out, or "
+                             "write over it with --exist-ok")
+    k = 2
+    while taken(base.with_name(f"{base.name}-{k}")):
+        k += 1
+    return base.with_name(f"{base.name}-{k}")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -103,6 +133,12 @@ class Trainer:
         if cfg.threads is not None:
             torch.set_num_threads(int(cfg.threads))
         self.main = is_main_process()
+        if ck is None:  # a new run never writes over another: every process looks before rank 0 writes anything
+            run_dir = fresh_run_dir(cfg)
+            if run_dir != cfg.run_dir():
+                cfg = dataclasses.replace(cfg, out=str(run_dir))
+                self.cfg = cfg
+            barrier()
         self.run_dir = cfg.run_dir()
         # before anything is read or written: a second run on this folder stops here (RunLockedError)
         self.lock = RunLock(self.run_dir).acquire() if self.main else None
@@ -426,6 +462,8 @@ class Trainer:
         progress = self.out.progress_bar()
         last_eval_t = self.train_seconds
         window = TrainWindow()
+        window_ips = _Rate()
+        last_line, steps_run, run_start = time.monotonic(), 0, self.train_seconds
         if self.step >= self.total_steps:
             self.stop_reason = "already finished"
         with progress if progress is not None else contextlib.nullcontext():
@@ -447,6 +485,11 @@ class Trainer:
                     if bar is not None:
                         self.out.show_step(progress, bar, loss, lr, n / max(dt, 1e-9), self.step, spe,
                                            self.train_seconds, self.metrics.last(), cfg.log_every)
+                    elif self.step % (10 * cfg.log_every) == 0 or time.monotonic() - last_line >= 60:
+                        # no progress bar (--no-progress, a log file): a line every 10 log intervals or minute
+                        self.out.print(self._status_line(loss, lr, window_ips.rate(n, dt), steps_run, run_start))
+                        last_line = time.monotonic()
+                    steps_run += 1
                     if self.step % cfg.log_every == 0 or self.step % spe == 0:
                         self.metrics.append(window.row(self.step, spe, lr, self.train_seconds))
                     if cfg.save_every is not None and self.step % cfg.save_every == 0:
@@ -477,8 +520,31 @@ class Trainer:
             self.out.print(line)
         return summary
 
+    def _status_line(self, loss: float, lr: float, ips: float, steps_run: int, run_start: float) -> str:
+        """``step 120/1000 (epoch 1.20): loss 1.2345  lr 1.00e-02  6.1 img/s  4.2 min, ETA 31 min``"""
+        cfg = self.cfg
+        total = self.total_steps if cfg.max_steps is None else min(self.total_steps, cfg.max_steps)
+        per_step = (self.train_seconds - run_start) / max(steps_run + 1, 1)
+        eta = (total - self.step) * per_step
+        if cfg.max_minutes is not None:
+            eta = min(eta, max(60 * cfg.max_minutes - self.train_seconds, 0.0))
+        return (f"step {self.step}/{total} (epoch {self.step / self.steps_per_epoch:.2f}): loss {loss:.4f}  "
+                f"lr {lr:.2e}  {ips:.1f} img/s  {self.train_seconds / 60:.1f} min, ETA {eta / 60:.1f} min")
+
     def skip_summary(self) -> list[str]:
         return skip_lines({"train": self.train_set, "val": self.val_set}, workers=self.cfg.workers)
+
+
+class _Rate:
+    """Images per second over the last steps (an exponential average, so one slow step does not dominate)."""
+
+    def __init__(self):
+        self.value: float | None = None
+
+    def rate(self, images: int, seconds: float) -> float:
+        now = images / max(seconds, 1e-9)
+        self.value = now if self.value is None else 0.8 * self.value + 0.2 * now
+        return self.value
 
 
 def train(cfg: TrainConfig, resume: bool | str | Path = False, console=None) -> dict[str, Any]:

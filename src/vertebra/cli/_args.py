@@ -45,41 +45,36 @@ def _typed(func: Callable[[str], object], name: str, **bounds) -> Callable[[str]
     return func
 
 
-def integer(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an integer in ``[lo, hi]`` (either bound may be None)."""
-    allowed = _bound(lo, hi, False, False, "an integer") if lo is not None or hi is not None else "an integer"
+def _ranged(kind: type, lo, hi, lo_open: bool, hi_open: bool) -> Callable[[str], object]:
+    """An argparse type: a finite ``kind`` (int or float) within the bounds (either may be None)."""
+    what = "an integer" if kind is int else "a number"
+    allowed = _bound(lo, hi, lo_open, hi_open, what) if lo is not None or hi is not None else \
+        ("an integer" if kind is int else "a finite number")
 
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            v = int(text)
+            v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be {allowed}") from None
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be {allowed} (finite)")
+        below = lo is not None and (v < lo or (lo_open and v == lo))
+        if below or (hi is not None and (v > hi or (hi_open and v == hi))):
             raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be {allowed}")
         return v
 
-    return _typed(parse, allowed, kind=int, lo=lo, hi=hi, lo_open=False, hi_open=False)
+    return _typed(parse, allowed, kind=kind, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open)
+
+
+def integer(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in ``[lo, hi]`` (either bound may be None)."""
+    return _ranged(int, lo, hi, False, False)
 
 
 def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
            hi_open: bool = False) -> Callable[[str], float]:
     """An argparse type: a finite number within the bounds (open or closed at each end)."""
-    allowed = _bound(lo, hi, lo_open, hi_open, "a number") if lo is not None or hi is not None else "a finite number"
-
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be {allowed}") from None
-        if not math.isfinite(v):
-            raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be {allowed} (finite)")
-        if lo is not None and (v < lo or (lo_open and v == lo)):
-            raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be {allowed}")
-        if hi is not None and (v > hi or (hi_open and v == hi)):
-            raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be {allowed}")
-        return v
-
-    return _typed(parse, allowed, kind=float, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open)
+    return _ranged(float, lo, hi, lo_open, hi_open)
 
 
 POSITIVE_INT = integer(1)  # batches, epochs, steps, threads, runs

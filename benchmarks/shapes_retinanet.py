@@ -3,20 +3,14 @@
 Goal: COCO AP50 >= 0.8 on the shapes val split (300 images, 256 x 256 px, the default set of
 ``vertebra data shapes``) within 15 minutes of training on 2 CPU cores, never more than 30.
 
-The recipe (every part can be changed from the command line):
-
-* evaluation at 256 x 256 (the set's own size); training with progressive resizing over the time budget
-  (``--progressive 128:0.6,192:0.8``): the first 60 % of the time at 128 px, then 192 px until 80 %, the last
-  20 % at 256 px (the images and their boxes are downscaled in the detector's preprocessing, in one
-  interpolation per batch); batch 8, horizontal flips only;
-* ResNet-18 from random init, every stage trained, live BatchNorm (frozen BN is for pretrained nets);
-* a lighter RetinaNet: FPN of 128 channels on P3-P6 (objects are 5-128 px; P7 would only see 2 x 2 cells),
-  head towers of 2 convs (not 4) with GroupNorm (stable from scratch with a high learning rate);
-* anchors that fit the objects: 1.5 x stride x 2^(0, 1/3, 2/3) (12-19 px on P3 up to 96-152 px on P6),
-  aspect ratios 1:2, 1:1, 2:1;
-* AdamW, lr 2e-3, weight decay 0.05, 150 warm-up steps, then cosine over the time budget;
-* an EMA of the weights (decay 0.995) is what is evaluated;
-* bf16 autocast and channels_last on CPU (the loss in float32).
+The recipe is the engine's ``scratch`` preset (``vertebra.engine.presets``; what ``vertebra train`` uses for a
+backbone without weights): evaluation at 256 x 256, progressive resizing over the time budget (128 px for the
+first 60 %, 192 px until 80 %, then 256), batch 8, horizontal flips; ResNet-18 from random init with live
+BatchNorm; a RetinaNet with a 128-channel FPN and head towers of 2 convs with GroupNorm; anchors fitted to the
+training boxes (on this set: 1.5 x stride on P3-P6, what an earlier version of this script chose by hand); AdamW
+(lr 2e-3, weight decay 0.05), 150 warm-up steps (at most a tenth of the budget), cosine over the time budget; the
+EMA of the weights (decay 0.995) is evaluated; bf16 autocast where the CPU computes in bf16 natively, and
+channels_last. The flags below override single parts of it; config.json in the run folder lists every value.
 
 It trains with ``max_minutes`` (training time; evaluations are not counted), evaluates AP50 on the val
 split every ``--eval-every`` minutes (optionally on its first ``--val-limit`` images to save time), then
@@ -44,12 +38,10 @@ import torch
 
 from vertebra.cli.train import _progressive
 from vertebra.data.sources import DataSource, ensure_shapes
+from vertebra.detection.anchors import scaled_anchor_sizes
 from vertebra.engine.config import TrainConfig
+from vertebra.engine.presets import apply_preset
 from vertebra.engine.train import Trainer
-
-
-def anchor_sizes(mult: float, levels) -> list[list[int]]:
-    return [[int(round(mult * 2**lvl * 2 ** (k / 3))) for k in range(3)] for lvl in levels]
 
 
 def main(argv=None) -> int:
@@ -60,41 +52,45 @@ def main(argv=None) -> int:
     p.add_argument("--eval-every", type=float, default=3.0, help="minutes of training between evaluations")
     p.add_argument("--val-limit", type=int, default=None, help="evaluate the curve on the first N val images")
     p.add_argument("--size", type=int, default=256)
-    p.add_argument("--progressive", default="128:0.6,192:0.8", metavar="SIZE:UNTIL,...",
+    g = p.add_argument_group("overrides of the preset (default: the preset's value)")
+    g.add_argument("--progressive", default=None, metavar="SIZE:UNTIL,...",
                    help="progressive resizing over the time budget ('none': all at --size)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=150)
-    p.add_argument("--fpn-channels", type=int, default=128)
-    p.add_argument("--head-convs", type=int, default=2)
-    p.add_argument("--head-norm", default="gn", choices=("gn", "none"))
-    p.add_argument("--max-level", type=int, default=6)
-    p.add_argument("--anchor-mult", type=float, default=1.5, help="anchor base size = mult x stride")
-    p.add_argument("--matcher", default="iou", choices=("iou", "atss"),
+    g.add_argument("--batch", type=int, default=8)
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--warmup", type=int, default=None)
+    g.add_argument("--fpn-channels", type=int, default=None)
+    g.add_argument("--head-convs", type=int, default=None)
+    g.add_argument("--head-norm", default=None, choices=("gn", "none"))
+    g.add_argument("--anchor-mult", type=float, default=None,
+                   help="anchors by hand: base size = mult x stride on P3-P6 (default: fitted to the boxes)")
+    g.add_argument("--matcher", default=None, choices=("iou", "atss"),
                    help="anchor assignment: the paper's IoU 0.5 / 0.4 rule or ATSS")
-    p.add_argument("--box-loss", default="l1", choices=("l1", "giou"))
-    p.add_argument("--ema", type=float, default=0.995)
-    p.add_argument("--no-amp", action="store_true", help="float32 instead of bf16 autocast")
+    g.add_argument("--box-loss", default=None, choices=("l1", "giou"))
+    g.add_argument("--ema", type=float, default=None)
+    g.add_argument("--no-amp", action="store_true", help="float32 even where the CPU computes in bf16")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    progressive = [] if args.progressive == "none" else _progressive(args.progressive)
     root = ensure_shapes(Path(args.data))
-    levels = range(3, args.max_level + 1)
-    det_kw = {"fpn_channels": args.fpn_channels, "max_level": args.max_level,
-              "anchor_sizes": anchor_sizes(args.anchor_mult, levels), "detections_per_img": 100,
-              "head_norm": None if args.head_norm == "none" else "gn", "matcher": args.matcher,
-              "box_loss": args.box_loss, "head_convs": args.head_convs}
+    det_kw = {k: v for k, v in (("fpn_channels", args.fpn_channels), ("head_convs", args.head_convs),
+                                ("matcher", args.matcher), ("box_loss", args.box_loss)) if v is not None}
+    if args.head_norm is not None:
+        det_kw["head_norm"] = None if args.head_norm == "none" else "gn"
+    if args.anchor_mult is not None:
+        det_kw.update(anchor_sizes=scaled_anchor_sizes(args.anchor_mult, range(3, 7)), max_level=6)
+    given = {"lr": args.lr, "warmup_steps": args.warmup, "ema": args.ema}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.progressive is not None:
+        given["progressive"] = [] if args.progressive == "none" else _progressive(args.progressive)
+    if args.no_amp:
+        given["amp"] = None
     cfg = TrainConfig(task="det", source=DataSource(data=str(root)), size=args.size, backbone="resnet18",
-                      detector_kwargs=det_kw, channels_last=True, epochs=100, batch=args.batch, lr=args.lr,
-                      optimizer="adamw", weight_decay=0.05, schedule="cosine", schedule_on_time=True,
-                      progressive=progressive,
-                      warmup_steps=args.warmup, amp=None if args.no_amp else "bf16", ema=args.ema,
-                      augment="flip", out=args.out, max_minutes=args.minutes, eval_every=10**6,
-                      eval_every_minutes=args.eval_every, log_every=10, workers=args.workers, seed=args.seed,
-                      threads=args.threads, progress=True)
+                      preset="scratch", detector_kwargs=det_kw, batch=args.batch, out=args.out,
+                      max_minutes=args.minutes, eval_every=10**6, eval_every_minutes=args.eval_every, log_every=10,
+                      workers=args.workers, seed=args.seed, threads=args.threads, progress=True, **given)
+    cfg = apply_preset(cfg, explicit={*given, "batch", "size"})  # the Trainer prints what it set
     load0 = os.getloadavg()
     print(f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, torch threads "
           f"{args.threads or torch.get_num_threads()}; load average at start {load0[0]:.1f} / {load0[1]:.1f} / "
@@ -127,6 +123,7 @@ def main(argv=None) -> int:
         "images_seen": imgs, "images_per_s": imgs / max(trainer.train_seconds, 1e-9),
         "epochs": summary["epochs"], "load_start": load0, "load_end": load1,
         "threads": args.threads or torch.get_num_threads(), "size": args.size, "recipe": vars(args),
+        "preset": cfg.preset, "preset_values": cfg.preset_values, "anchors": trainer.anchor_fit,
         "val_images_curve": len(full_val) if not args.val_limit else min(args.val_limit, len(full_val)),
         "val_images_final": len(full_val),
     }

@@ -1,5 +1,5 @@
 """Test-session settings: one torch thread per pytest-xdist worker (the workers already fill the cores;
-more threads than cores only slows every worker down)."""
+more threads than cores only slows every worker down); offline (VERTEBRA_OFFLINE) unless a test serves weights."""
 
 import os
 
@@ -7,6 +7,10 @@ import torch
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+
+# no test reaches the internet: `vertebra train` without --scratch would try a network's published weights first
+# (the weights tests unset this and serve the files on 127.0.0.1: the weights_server fixture)
+os.environ.setdefault("VERTEBRA_OFFLINE", "1")
 
 
 # --- a loopback download server for the weights tests (no internet in tests) ------------------------------------

@@ -14,7 +14,8 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["UsageError", "Renamed", "HelpFormatter", "integer", "number", "existing_file", "existing_dir",
+__all__ = ["UsageError", "Renamed", "HelpFormatter", "explicit_dests", "integer", "number", "existing_file",
+           "existing_dir",
            "file_or_url", "device",
            "POSITIVE_INT", "COUNT", "SEED", "SIZE", "POSITIVE", "NON_NEGATIVE", "FRACTION", "PROBABILITY",
            "check_size_for", "check_precision"]
@@ -147,6 +148,34 @@ class Renamed(argparse.Action):
         shown = f"{self.new} {value}" if self.nargs != 0 else f"{self.new} {self.const}"
         print(f"warning: {option_string} is now {shown} (the old spelling goes after this release)", file=sys.stderr)
         setattr(namespace, self.dest, value)
+
+
+class _Unset:
+    """The default every flag gets while :func:`explicit_dests` parses: what is still it was not given."""
+
+
+def explicit_dests(parser: argparse.ArgumentParser, sub: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The dests of the flags ``argv`` gives to the sub-command ``sub`` of ``parser`` (not those left at their
+    defaults): a second parse in which every default of ``sub`` is a marker. A preset fills only the others."""
+    import contextlib
+    import io
+
+    unset = _Unset()
+    saved = [(a, a.default) for a in sub._actions]
+    saved_defaults = dict(sub._defaults)
+    try:
+        for a, default in saved:
+            if default is not argparse.SUPPRESS:
+                # append actions copy their default before appending: None starts them from an empty list
+                a.default = None if isinstance(a, argparse._AppendAction) else unset
+        sub._defaults = {}
+        with contextlib.redirect_stderr(io.StringIO()):  # Renamed's warnings were printed by the real parse
+            ns = parser.parse_args(argv)
+    finally:
+        for a, default in saved:
+            a.default = default
+        sub._defaults = saved_defaults
+    return {k for k, v in vars(ns).items() if v is not unset and v is not None and not k.startswith("_")}
 
 
 class HelpFormatter(argparse.HelpFormatter):

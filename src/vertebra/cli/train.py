@@ -122,6 +122,10 @@ def _add_train_parser(subparsers) -> None:
                         "timm:a1_in1k; vertebra weights list NAME): frozen BatchNorm, the first stages frozen, "
                         "the weights' normalisation. Without it (or --backbone-weights) the backbone trains from "
                         "scratch")
+    m.add_argument("--scratch", action="store_true",
+                   help="train the backbone from random init even where it has published weights (without "
+                        "--scratch, --pretrained or --backbone-weights a network with published weights fine-tunes "
+                        "them: cached, or downloaded; offline or without them it trains from scratch and says so)")
     m.add_argument("--backbone-kw", dest="backbone_kwargs", type=_kv, action="append", default=[],
                    metavar="KEY=VALUE", help="backbone argument, e.g. aux_logits=true (repeatable)")
     m.add_argument("--detector-kw", dest="detector_kwargs", type=_kv, action="append", default=[],
@@ -130,7 +134,14 @@ def _add_train_parser(subparsers) -> None:
     m.add_argument("--head-convs", type=A.COUNT, default=None,
                    help="convs per RetinaNet head tower (default 4; the same as --detector-kw head_convs=N)")
     m.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    o = p.add_argument_group("optimisation")
+    o = p.add_argument_group("optimisation (the preset chooses what is not given)")
+    o.add_argument("--preset", choices=("auto", "scratch", "finetune", "none"), default="auto",
+                   help="the recipe: scratch (from random init: AdamW 2e-3, warm-up, cosine, EMA, progressive "
+                        "resizing, a light RetinaNet with GroupNorm heads, anchors fitted to the training boxes, "
+                        "bf16 on CPUs that compute in it, channels_last), finetune (the same on a backbone with "
+                        "weights: AdamW 5e-4, one size), auto (finetune when the backbone starts from weights, else "
+                        "scratch), none (the engine's plain defaults: SGD, the paper's RetinaNet). Every flag "
+                        "given overrides the preset; config.json records what it set")
     o.add_argument("--epochs", type=A.POSITIVE_INT, default=12, help="training epochs (default 12)")
     o.add_argument("--lr", type=A.POSITIVE, default=None, help="base learning rate (default by optimizer: sgd 0.01, "
                                                           "adamw 1e-3, rmsprop 0.045*batch/32)")
@@ -178,6 +189,10 @@ def _add_train_parser(subparsers) -> None:
                    help="evaluate every N epochs (default 1)")
     r.add_argument("--eval-every-minutes", type=A.POSITIVE, default=None, metavar="MINUTES",
                    help="also evaluate after this much training time")
+    r.add_argument("--val-limit", type=A.POSITIVE_INT, default=None, metavar="N",
+                   help="evaluate on the first N validation images (default all)")
+    r.add_argument("--no-eval", dest="final_eval", action="store_false",
+                   help="a run stopped by --max-minutes, --max-steps or Ctrl-C ends without its final evaluation")
     r.add_argument("--save-every", type=A.POSITIVE_INT, default=None, metavar="STEPS",
                    help="also write last.safetensors every N steps")
     r.add_argument("--seed", type=A.SEED, default=0, help="random seed (default 0)")
@@ -197,7 +212,7 @@ def _add_train_parser(subparsers) -> None:
                    help="default gloo on CPU, nccl on CUDA")
     d.add_argument("--dist-timeout", type=A.POSITIVE, default=30.0, metavar="MINUTES",
                    help="how long a process waits for a peer before the job stops (default 30)")
-    p.set_defaults(handler=cmd_train, _check=check_train, _parser=p)
+    p.set_defaults(handler=cmd_train, _check=check_train, _parser=p, _explicit_wanted=True)
 
 
 def register(subparsers) -> None:
@@ -300,6 +315,11 @@ def check_train(args) -> None:
     if args.pretrained is not None and args.backbone_weights is not None:
         raise A.UsageError("--pretrained", "give --pretrained (published weights) or --backbone-weights (a file), "
                                            "not both")
+    if args.scratch and (args.pretrained is not None or args.backbone_weights is not None):
+        raise A.UsageError("--scratch", "trains from random init: leave out --pretrained / --backbone-weights")
+    if args.preset == "finetune" and args.scratch:
+        raise A.UsageError("--preset", "finetune is the recipe of a backbone with weights; --scratch has none "
+                                       "(use --preset scratch)")
     if args.schedule_on_time and args.max_minutes is None:
         raise A.UsageError("--schedule-on-time", "the schedule runs over the time budget: give --max-minutes too")
     if args.dtype is not None:
@@ -336,9 +356,36 @@ def check_predict(args) -> None:
         A.check_precision("bf16", _device(args.device), "--dtype bf16")
 
 
-def config_from_args(args):
-    """The :class:`TrainConfig` of parsed ``vertebra train`` arguments."""
+#: flag dests that fill another TrainConfig field
+_DEST_FIELDS = {"dtype": "amp", "head_convs": "detector_kwargs"}
+
+
+def default_weights(backbone: str, progress: bool = True) -> tuple[str | None, str]:
+    """How a run with no --pretrained, --backbone-weights or --scratch starts: ``("default", why)`` where the
+    network has published weights that are cached or can be downloaded now, else ``(None, why)`` (from scratch)."""
+    from ..hub import WeightsError, _offline, download, get_weights, has_weights, is_cached
+
+    if not has_weights(backbone):
+        return None, f"{backbone} has no published weights: training from scratch"
+    w = get_weights(backbone, "default")
+    if not is_cached(w):
+        try:
+            download(w, progress=progress)
+        except WeightsError as e:
+            why = "VERTEBRA_OFFLINE is set" if _offline() else str(e.__cause__ or e).split("\n")[0][:160]
+            return None, (f"{backbone}'s published weights {w.tag} are not in the cache and could not be fetched "
+                          f"({why}): training from scratch (--scratch says so and stops trying; `vertebra weights "
+                          f"download {backbone}` fetches them)")
+    return "default", (f"{backbone}: fine-tuning its published weights {w.tag} (--scratch trains from random "
+                       "init)")
+
+
+def config_from_args(args, *, notes: list[str] | None = None):
+    """The :class:`TrainConfig` of parsed ``vertebra train`` arguments, with the preset applied under the flags
+    given (``args._explicit``; all of them where it is absent). Where the backbone's start was chosen for the user
+    the reason is appended to ``notes``."""
     from ..engine.config import TrainConfig
+    from ..engine.presets import apply_preset
     from ..engine.tasks import default_task, task_for
     from ..precision import resolve_amp
 
@@ -354,7 +401,16 @@ def config_from_args(args):
                   backbone_kwargs=dict(args.backbone_kwargs),
                   detector_kwargs=detector_kwargs, step_epochs=list(args.step_epochs),
                   progressive=list(args.progressive))
-    return TrainConfig(**values)
+    if (task == "det" and not args.resume and not getattr(args, "scratch", False) and args.pretrained is None
+            and args.backbone_weights is None and args.preset != "scratch" and not values.get("preset_values")):
+        values["pretrained"], why = default_weights(args.backbone)
+        if notes is not None:
+            notes.append(why)
+    cfg = TrainConfig(**values)
+    given = getattr(args, "_explicit", None)
+    if given is None:  # not parsed by vertebra's main: every field differing from the defaults counts as given
+        return apply_preset(cfg)
+    return apply_preset(cfg, {_DEST_FIELDS.get(d, d) for d in given})
 
 
 def _where() -> str:
@@ -375,7 +431,11 @@ def cmd_train(args) -> int:
 
     trainer = None
     try:
-        trainer = Trainer(config_from_args(args), resume=args.resume, console=console)
+        notes: list[str] = []
+        cfg = config_from_args(args, notes=notes)
+        for line in notes:
+            console.print(line, markup=False, highlight=False)
+        trainer = Trainer(cfg, resume=args.resume, console=console)
         c, plan = trainer.cfg, trainer.plan
         if is_main_process():
             console.print(f"run folder {trainer.run_dir}: {trainer.model_spec.backbone} ({c.task}), "

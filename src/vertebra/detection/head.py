@@ -1,6 +1,7 @@
 """The RetinaNet head: a classification and a box subnet shared across the pyramid levels.
 
-Each subnet is ``num_convs`` x [3x3 conv (+ GroupNorm with ``norm="gn"``), ReLU] and a 3x3 conv to
+Each subnet is ``num_convs`` x [3x3 conv (+ GroupNorm with ``norm="gn"``: 32 groups as FCOS / torchvision v2,
+fewer where the channels do not divide by 32: the largest divisor of both), ReLU] and a 3x3 conv to
 ``A * K`` class logits (bias -log((1 - pi) / pi), pi = 0.01) or ``A * 4`` box codes.
 """
 
@@ -20,7 +21,7 @@ def _tower(channels: int, num_convs: int, norm: str | None) -> nn.Sequential:
     for _ in range(num_convs):
         layers = [nn.Conv2d(channels, channels, 3, padding=1, bias=norm is None)]
         if norm == "gn":
-            layers.append(nn.GroupNorm(32, channels))
+            layers.append(nn.GroupNorm(math.gcd(32, channels), channels))
         layers.append(nn.ReLU(inplace=True))
         blocks.append(nn.Sequential(*layers))
     return nn.Sequential(*blocks)

@@ -24,7 +24,7 @@ _SCHEDULES = ("cosine", "step", "inception", "constant")
 _AT_LEAST = (("epochs", 1, False), ("batch", 1, False), ("size", 16, True), ("workers", 0, False),
              ("warmup_steps", 0, True), ("weight_decay", 0.0, True), ("aux_weight", 0.0, True), ("max_steps", 1, True),
              ("eval_every", 1, False), ("save_every", 1, True), ("log_every", 1, False), ("threads", 1, True),
-             ("accum_steps", 1, False), ("lr_ref_batch", 1, True))
+             ("accum_steps", 1, False), ("lr_ref_batch", 1, True), ("val_limit", 1, True))
 #: fields that are None or a number > 0
 _ABOVE_ZERO = ("lr", "clip", "max_minutes", "eval_every_minutes", "dist_timeout")
 
@@ -37,6 +37,10 @@ class TrainConfig:
 
     task: str = "det"
     source: DataSource = field(default_factory=DataSource)
+    # the recipe (engine/presets.py): "auto" (scratch or finetune by how the backbone starts), "scratch",
+    # "finetune" or "none"; preset_values: what it set (filled by apply_preset, kept in config.json)
+    preset: str = "none"
+    preset_values: dict[str, Any] = field(default_factory=dict)
     skip_bad: bool = False
     workers: int = 0
     size: int | None = None  # None: the task's default (256 for detection, 224 for folders, 32 for CIFAR)
@@ -58,7 +62,7 @@ class TrainConfig:
     # "cosine" | "step" | "inception" (x0.94 every two epochs) | "constant"; "step" with RMSProp and no
     # step_epochs is the Inception rule
     schedule: str = "cosine"
-    warmup_steps: int | None = None  # None: min(500, a tenth of the run's steps)
+    warmup_steps: int | None = None  # None: min(500, a tenth of the run's steps); on time: at most a tenth of it
     warmup_factor: float = 0.001
     step_epochs: list[int] = field(default_factory=list)  # step schedule: multiply by step_gamma at these epochs
     step_gamma: float = 0.1
@@ -81,6 +85,8 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 1  # epochs
     eval_every_minutes: float | None = None  # also evaluate after this much training time
+    val_limit: int | None = None  # evaluate on the first N validation images (None: all)
+    final_eval: bool = True  # a run stopped by max_minutes / max_steps / Ctrl-C evaluates once before it ends
     save_every: int | None = None  # steps (a checkpoint every N steps in addition to each epoch's end)
     log_every: int = 10  # steps between metrics.csv rows
     max_minutes: float | None = None
@@ -126,6 +132,10 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)
 
     def validate(self) -> None:
+        from .presets import PRESET_NAMES
+
+        if self.preset not in PRESET_NAMES:
+            raise ValueError(f"preset must be one of {', '.join(PRESET_NAMES)}, got {self.preset!r}")
         if self.optimizer not in _OPTIMIZERS:
             raise ValueError(f"optimizer must be sgd, adamw or rmsprop, got {self.optimizer!r}")
         if self.schedule not in _SCHEDULES:

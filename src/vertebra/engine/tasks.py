@@ -193,11 +193,28 @@ class DetectionTask(Task):
         if "mean" in init:  # recorded, so that the checkpoint rebuilds the same preprocessing without the weights
             det_kw.update(image_mean=init["mean"], image_std=init["std"])
         det_kw.update(cfg.detector_kwargs)
+        self.anchor_fit = None
+        if det_kw.pop("anchor_fit", False):
+            det_kw.update(self.fit_anchors(train_set, det_kw, size))
         return ModelSpec(task=self.name, detector="retinanet", backbone=cfg.backbone,
                          num_classes=len(train_set.categories), categories=list(train_set.categories),
                          label_to_category_id={str(k): v for k, v in train_set.label_to_category_id.items()},
                          detector_kwargs=det_kw, backbone_kwargs={**init.get("build_kwargs", {}),
                                                                   **cfg.backbone_kwargs}, size=size)
+
+    def fit_anchors(self, train_set, det_kw: dict[str, Any], size: int, limit: int = 300) -> dict[str, Any]:
+        """``anchor_sizes`` and ``max_level`` fitted to the training boxes at the detector's input scale
+        (:func:`~vertebra.detection.anchors.fit_anchors` on a seeded sample of ``limit`` images); what was chosen is
+        kept in ``self.anchor_fit`` (config.json's ``anchors``)."""
+        from ..detection.anchors import box_sample, fit_anchors
+
+        min_size = det_kw.get("min_size", size)
+        min_size = max(min_size) if isinstance(min_size, (list, tuple)) else min_size
+        sample = box_sample(train_set.records, int(min_size), det_kw.get("max_size"), limit=limit)
+        # the bottom level: as given, else P3, or P2 where small objects need it
+        fit = fit_anchors(sample, min_level=int(det_kw["min_level"]) if "min_level" in det_kw else (2, 3))
+        self.anchor_fit = {**fit.to_dict(), "describe": fit.describe()}
+        return {"anchor_sizes": fit.anchor_sizes, "min_level": fit.min_level, "max_level": fit.max_level}
 
     def build_model(self, spec: ModelSpec, backbone_weights: str | None = None,
                     pretrained: str | None = None) -> nn.Module:

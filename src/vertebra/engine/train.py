@@ -51,6 +51,7 @@ from .distributed import (
 )
 from .models import load_state
 from .optim import BatchPlan, build_optimizer, lr_factor, progressive_size, schedule_fraction
+from .presets import apply_preset, describe_preset
 from .records import MetricsLog, RunConsole, TrainWindow, data_counts, data_line, skip_lines
 from .sampling import EpochSampler, SeededDataset, micro_batches, rank_seed, seed_everything
 from .tasks import ModelSpec, Task, backbone_init, task_for
@@ -59,7 +60,8 @@ __all__ = ["Trainer", "NonFiniteLossError", "RunExistsError", "fresh_run_dir", "
 
 #: what may change when a run resumes: how long and where it runs, not what it computes
 _RESUMABLE = ("epochs", "max_minutes", "max_steps", "progress", "workers", "device", "threads", "out", "eval_every",
-              "eval_every_minutes", "save_every", "log_every", "dist_backend", "dist_timeout", "exist_ok")
+              "eval_every_minutes", "save_every", "log_every", "dist_backend", "dist_timeout", "exist_ok",
+              "final_eval", "val_limit")
 #: what makes a folder a run's: a new run never writes into one (unless exist_ok)
 _RUN_FILES = ("config.json", "last.safetensors", "metrics.csv")
 
@@ -123,6 +125,8 @@ class Trainer:
             cfg = dataclasses.replace(saved, **changes)
             if cfg.out is None:
                 cfg = dataclasses.replace(cfg, out=str(path.parent))
+        else:
+            cfg = apply_preset(cfg)  # a no-op where the preset is applied already (the CLI) or is "none"
         cfg.validate()
         self.cfg = cfg
         self.task = task_for(cfg.task, cfg)
@@ -150,11 +154,15 @@ class Trainer:
         self.train_set, self.val_set, self.voc = self.task.datasets(cfg, self.size)
         if len(self.train_set) == 0:
             raise ValueError("the training set is empty")
+        if cfg.val_limit is not None and self.val_set is not None and len(self.val_set) > cfg.val_limit:
+            self.val_set = _first(self.val_set, cfg.val_limit)
         # what the run really uses of its data, printed once and kept in config.json
         self.data_counts = {k: data_counts(ds) for k, ds in (("train", self.train_set), ("val", self.val_set))
                             if ds is not None}
         self.init = backbone_init(cfg)  # config.json's record of how the backbone starts
         self.model_spec: ModelSpec = self.task.model_spec(cfg, self.train_set, self.size)
+        # the anchors fitted to the training boxes (preset / anchor_fit), kept in config.json
+        self.anchor_fit = getattr(self.task, "anchor_fit", None)
         self.model = self.task.build_model(self.model_spec, None if ck else cfg.backbone_weights,
                                            None if ck else cfg.pretrained).to(self.device)
         if cfg.sync_bn and self.world_size > 1:
@@ -190,6 +198,7 @@ class Trainer:
         self.warmup_seconds = 0.0  # training time when the warm-up ended: the cosine on time spans the rest
         self.best: float | None = None
         self.last_eval: dict[str, float] = {}
+        self._eval_step = -1  # the step last evaluated
         self.stop_reason = ""
         if ck is not None:
             self._restore(ck, st)
@@ -208,7 +217,9 @@ class Trainer:
                 stale.unlink(missing_ok=True)
             atomic_write(self.run_dir / "config.json",
                          json.dumps({**cfg.to_dict(), **self.plan.to_dict(), "init": self.init,
-                                     "data": self.data_counts}, indent=1, sort_keys=True) + "\n")
+                                     "data": self.data_counts,
+                                     **({"anchors": self.anchor_fit} if self.anchor_fit else {})},
+                                    indent=1, sort_keys=True) + "\n")
         for name, counts in self.data_counts.items():
             self.out.print(data_line(name, counts))
         if self.val_set is None:
@@ -216,6 +227,10 @@ class Trainer:
                            "--val-coco, a VOC split with --voc-val-split, or a val/ folder)")
         for note in self.plan.notes:
             self.out.print(note)
+        if ck is None and cfg.preset != "none":
+            self.out.print(describe_preset(cfg))
+        if ck is None and self.anchor_fit:
+            self.out.print(f"anchors fitted to the training boxes: {self.anchor_fit['describe']}")
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -280,6 +295,12 @@ class Trainer:
             self.optimizer.load_state_dict(unflatten_optimizer(ck.tensors("optim"), st.optimizer))
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{ck.path}: optimizer state does not fit this run: {e}") from None
+        # the saved moments are contiguous; a fresh run's have their parameter's layout (channels_last): give them
+        # that layout back, or the update's kernels take another path and the resumed run drifts in the last bits
+        for p, state in self.optimizer.state.items():
+            for k, v in state.items():
+                if isinstance(v, Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
         if self.ema is not None:
             if st.ema is None:
                 raise CheckpointError(f"{ck.path}: the run uses EMA but the checkpoint has no averaged weights")
@@ -314,6 +335,10 @@ class Trainer:
     def _lr_factor(self) -> float:
         frac = None
         if self.cfg.schedule_on_time and self.cfg.max_minutes is not None:
+            # on a time budget the warm-up ends after its steps or a tenth of the budget, whichever comes first
+            # (a slow machine would spend a short budget warming up)
+            if self.step < self.warmup and self.train_seconds >= 6 * self.cfg.max_minutes:
+                self.warmup = self.step
             if self.step <= self.warmup:
                 self.warmup_seconds = self.train_seconds
             frac = schedule_fraction(self.train_seconds, 60 * self.cfg.max_minutes, self.warmup_seconds)
@@ -400,14 +425,33 @@ class Trainer:
             broadcast_tensors(list(self.model.buffers()))
             if self.ema is not None:
                 broadcast_tensors(list(self.ema.shadow.values()))
-        with self.ema.applied_to(self.model) if self.ema is not None else contextlib.nullcontext():
+        # the evaluation's loader draws from torch's generator: forked, so that training's randomness (flips, the
+        # next epochs' order) does not depend on when or whether the run evaluated (a time-based evaluation, the
+        # final one of a run stopped early and resumed later)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), \
+                self.ema.applied_to(self.model) if self.ema is not None else contextlib.nullcontext():
             m = self.task.evaluate(self.model, self._val_loader(), self.val_set, device=self.device, amp=self.cfg.amp,
                                    voc=self.voc, distributed=dist, breakdown=breakdown)
         self.last_eval = m
         return m
 
+    def _final_eval(self) -> None:
+        """A run stopped early (time budget, max_steps, Ctrl-C) ends with its score: the weights it keeps (the
+        EMA where on) evaluated once, unless this step was evaluated already or ``final_eval`` is off; the last
+        checkpoint is written again with those metrics."""
+        if not self.cfg.final_eval or self.val_set is None or self.step == 0 or self._eval_step == self.step:
+            return
+        self.out.print(f"{self.stop_reason}: evaluating the weights of step {self.step}"
+                       f"{' (EMA)' if self.ema is not None else ''} on {len(self.val_set)} images")
+        t0 = time.perf_counter()
+        self._eval_and_record(self.step // self.steps_per_epoch)
+        self.out.print(f"final evaluation took {time.perf_counter() - t0:.0f} s (not counted in the training time)")
+        self.save("last")
+
     def _eval_and_record(self, epoch: int) -> None:
         m = self.evaluate() if self.val_set is not None else {}
+        self._eval_step = self.step
         if not m:
             return
         row = {"kind": "eval", "epoch": round(self.step / self.steps_per_epoch, 4), "step": self.step,
@@ -466,7 +510,8 @@ class Trainer:
         last_line, steps_run, run_start = time.monotonic(), 0, self.train_seconds
         if self.step >= self.total_steps:
             self.stop_reason = "already finished"
-        with progress if progress is not None else contextlib.nullcontext():
+        interrupt = _Interrupt(enabled=self.world_size == 1)
+        with interrupt, progress if progress is not None else contextlib.nullcontext():
             bar = progress.add_task("train", total=spe, epoch=0, loss=float("nan"), lr=0.0, ips=0.0) \
                 if progress is not None else None
             for epoch in range(start_epoch, cfg.epochs):
@@ -498,7 +543,7 @@ class Trainer:
                     if every is not None and self.train_seconds - last_eval_t >= 60 * every:
                         self._eval_and_record(epoch)
                         last_eval_t, t_fetch = self.train_seconds, time.perf_counter()
-                    self.stop_reason = self._stop()
+                    self.stop_reason = self._stop() or interrupt.reason()
                     if self.stop_reason:
                         break
                 if self.step % spe == 0 and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
@@ -509,6 +554,8 @@ class Trainer:
                 self.metrics.plot(self.primary_metric, f"{self.model_spec.backbone} ({cfg.task})")
                 if self.stop_reason:
                     break
+        if self.stop_reason and self.stop_reason != "already finished":
+            self._final_eval()
         self.stop_reason = self.stop_reason or f"finished {cfg.epochs} epochs"
         summary = {"steps": self.step, "epochs": self.step / spe, "train_minutes": self.train_seconds / 60,
                    "best_metric": self.best, "metric": self.primary_metric, "last_eval": self.last_eval,
@@ -528,11 +575,65 @@ class Trainer:
         eta = (total - self.step) * per_step
         if cfg.max_minutes is not None:
             eta = min(eta, max(60 * cfg.max_minutes - self.train_seconds, 0.0))
+        if cfg.max_minutes is not None and eta >= max(60 * cfg.max_minutes - self.train_seconds, 0.0) - 1e-6:
+            # the time budget ends the run: the step count says nothing about how far it is
+            return (f"step {self.step} (epoch {self.step / self.steps_per_epoch:.2f}): loss {loss:.4f}  "
+                    f"lr {lr:.2e}  {ips:.1f} img/s  {self.train_seconds / 60:.1f} of {cfg.max_minutes:g} min, "
+                    f"ETA {eta / 60:.1f} min")
         return (f"step {self.step}/{total} (epoch {self.step / self.steps_per_epoch:.2f}): loss {loss:.4f}  "
                 f"lr {lr:.2e}  {ips:.1f} img/s  {self.train_seconds / 60:.1f} min, ETA {eta / 60:.1f} min")
 
     def skip_summary(self) -> list[str]:
         return skip_lines({"train": self.train_set, "val": self.val_set}, workers=self.cfg.workers)
+
+
+def _first(dataset, n: int):
+    """The first ``n`` images of a validation set (``val_limit``): a detection set keeps its type (its records cut,
+    so its COCO ground truth is of those images only), any other set a ``Subset``."""
+    if hasattr(dataset, "records"):
+        import copy
+
+        part = copy.copy(dataset)
+        part.records = dataset.records[:n]
+        return part
+    return torch.utils.data.Subset(dataset, range(n))
+
+
+class _Interrupt:
+    """Ctrl-C while training (one process): the first stops the run after the step under way, so that it saves
+    and evaluates what it has; a second one interrupts at once (KeyboardInterrupt). Several processes keep the
+    plain KeyboardInterrupt (they would not agree on the step)."""
+
+    def __init__(self, enabled: bool = True):
+        import threading
+
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.hit = False
+        self._prev = None
+
+    def _handler(self, signum, frame) -> None:
+        import signal
+
+        self.hit = True
+        signal.signal(signal.SIGINT, self._prev)  # the next Ctrl-C raises KeyboardInterrupt
+
+    def reason(self) -> str:
+        return "interrupted (Ctrl-C; press it again to stop at once)" if self.hit else ""
+
+    def __enter__(self):
+        if self.enabled:
+            import signal
+
+            prev = signal.signal(signal.SIGINT, self._handler)
+            self._prev = prev if prev is not None else signal.default_int_handler
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            import signal
+
+            if signal.getsignal(signal.SIGINT) == self._handler:
+                signal.signal(signal.SIGINT, self._prev)
 
 
 class _Rate:

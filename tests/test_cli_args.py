@@ -19,7 +19,7 @@ REQUIRED = {
     "train": [], "eval": ["--checkpoint", "{ck}"], "predict": ["{img}", "--pretrained"], "list": [],
     "info": ["resnet18"], "bench": [], "export": ["resnet18"], "classify": ["{img}", "--backbone", "resnet18"],
     "data shapes": ["--out", "{tmp}/shapes"], "weights list": [], "weights download": ["resnet18"],
-    "weights path": ["resnet18"],
+    "weights path": ["resnet18"], "compare": [], "data stats": [],
 }
 
 

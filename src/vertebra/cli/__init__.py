@@ -1,6 +1,7 @@
 """The ``vertebra`` command: one module per group of subcommands, each with ``register(subparsers)``.
 
-``cli.bench`` (list, info, bench), ``cli.data`` (data shapes), ``cli.train`` (train, eval, predict),
+``cli.bench`` (list, info, bench), ``cli.compare`` (compare), ``cli.data`` (data shapes, data stats),
+``cli.train`` (train, eval, predict),
 ``cli.export`` (export), ``cli.classify`` (classify), ``cli.weights`` (weights). Every subcommand sets
 ``handler``: a callable ``(args) -> exit code``, and may set ``_check``: a callable ``(args)`` that raises
 :class:`~._args.UsageError` for flags that do not fit together, reported as argparse's usage error before the
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, classify, data, export, train, weights
+from . import bench, classify, compare, data, export, train, weights
 from ._args import HelpFormatter, UsageError
 from ._console import console, err_console, print_error
 
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     bench.register(sub)
     train.register(sub)
+    compare.register(sub)
     classify.register(sub)
     weights.register(sub)
     export.register(sub)
@@ -52,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             args._parser.error(f"argument --config: {e}")
         args = parser.parse_args(argv)
+    if getattr(args, "_explicit_wanted", False):  # train: which flags were given (a preset fills the others)
+        from ._args import explicit_dests
+
+        args._explicit = explicit_dests(parser, args._parser, argv if argv is not None else sys.argv[1:])
     check = getattr(args, "_check", None)
     if check is not None:
         try:

@@ -1,4 +1,5 @@
-"""The inference path: BatchNorm folded into the convolutions, channels_last, optional compile.
+"""The inference path: BatchNorm folded into the convolutions, channels_last, optional compile; or the exported
+graph in onnxruntime (``backend="onnxruntime"``, :mod:`vertebra.export.runtime`).
 
 Memory format (``channels_last``), the per-network decision:
 
@@ -124,7 +125,8 @@ def prepare_module(m: nn.Module, dtype: torch.dtype | None = None, channels_last
 
 def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_last: bool | str = True,
                            fuse: bool = True, compile: bool = False, inplace: bool = False,
-                           example: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+                           example: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+                           backend: str = "torch", threads: int | None = None, size: int | None = None) -> nn.Module:
     """A copy of ``model`` (in eval mode) made for inference; outputs equal the eager model's within float rounding.
 
     - ``fold_bn``: every BatchNorm (also a frozen one) that follows a convolution is folded into it
@@ -139,7 +141,28 @@ def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_l
       decoding, NMS). Outputs then agree with the float32 model only to that precision's rounding
       (bf16: about 3 significant digits); on CPUs with bf16 instructions it is the fast path.
     - ``compile``: ``torch.compile`` the result.
+    - ``backend``: ``"torch"`` (the above), ``"compile"`` (the same as ``compile=True``) or ``"onnxruntime"``: the
+      model exported to ONNX and run by onnxruntime behind the model's own call, its outputs checked against
+      PyTorch's before it is returned (:mod:`vertebra.export.runtime`; float32; ``threads``: onnxruntime's intra-op
+      threads; ``size``: a detector's square canvas, default its ``min_size``; ``example``: a backbone's export
+      input).
     """
+    from .export.runtime import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "onnxruntime":
+        if dtype is not None or compile:
+            raise ValueError("backend='onnxruntime' runs the float32 graph: leave out dtype and compile")
+        from .detection.retinanet import RetinaNet
+        from .export.runtime import OnnxRuntimeDetector, OnnxRuntimeModule
+
+        m = model if inplace else copy.deepcopy(model)
+        m = m.float().cpu().eval()
+        if isinstance(m, RetinaNet):
+            return OnnxRuntimeDetector(m, size, threads=threads)
+        return OnnxRuntimeModule(m, example, threads=threads)
+    compile = compile or backend == "compile"
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
     if dtype is not None:

@@ -219,6 +219,7 @@ class BenchConfig:
     det_size: int = 512
     eager: bool = False  # vertebra without its inference path (no BN folding / fusion)
     train: bool = True
+    backends: tuple[str, ...] = ()  # also time vertebra's rows on these ("compile", "onnxruntime"): a column each
     warmup: int = 1
     runs: int = 3
     min_seconds: float = 1.0
@@ -261,6 +262,20 @@ def check_config(cfg: BenchConfig) -> None:
         raise ValueError(f"--batch must be at least 1, got {cfg.batch}")
     if cfg.compile:
         check_compile(dev)
+    from ..export.runtime import BACKENDS, require_onnxruntime
+
+    for b in cfg.backends:
+        if b not in BACKENDS or b == "torch":
+            raise ValueError(f"--backend: choose among {', '.join(BACKENDS)}, got {b!r}")
+        if b == "compile":
+            check_compile(dev)
+        if b == "onnxruntime":
+            if dev.type != "cpu" or cfg.dtype != "fp32":
+                raise ValueError("--backend onnxruntime times the float32 graph on CPU: use --device cpu --dtype fp32")
+            try:
+                require_onnxruntime()
+            except ImportError as e:
+                raise ValueError(f"--backend onnxruntime: {e}") from None
 
 
 def machine_info(device: str = "cpu") -> dict:
@@ -443,7 +458,37 @@ def measure_model(build, size: tuple[int, int, int], cfg: BenchConfig, optimize:
         if dev.type == "cuda":
             row["peak_mem_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     row["achieved_gmacs_per_s"] = row["gmacs"] * row["throughput_ips"]
+    if optimize:
+        row.update(backend_timings(build, x1, xb, cfg))
     return row
+
+
+def backend_timings(build, x1, xb, cfg: BenchConfig, size: int | None = None) -> dict:
+    """``latency_ms_<backend>`` (batch 1) and ``throughput_ips_<backend>`` (batch N) of a fresh ``build()`` made
+    for each of ``cfg.backends`` by ``optimize_for_inference(backend=...)`` (onnxruntime: as many intra-op threads
+    as torch has). ``xb``: the batch (a list of images for a detector, whose canvas is ``size``)."""
+    from ..inference import optimize_for_inference
+
+    out: dict = {}
+    for b in cfg.backends:
+        model = build().to(cfg.device).eval()
+        kw = {"threads": torch.get_num_threads(), "size": size} if b == "onnxruntime" else {}
+        if b == "onnxruntime" and isinstance(x1, torch.Tensor) and size is None:
+            kw["example"] = x1
+        made = optimize_for_inference(model, backend=b, channels_last=cfg.channels_last, inplace=True, **kw)
+        warm = {"warmup": max(1, cfg.warmup), "settle": 20} if b == "compile" else {"warmup": cfg.warmup}
+        lat, thr = _time_pair(made, x1, xb, cfg, warm)
+        n = len(xb) if isinstance(xb, (list, tuple)) else int(xb.shape[0])
+        out[f"latency_ms_{b}"] = lat.median_ms
+        out[f"throughput_ips_{b}"] = n / (thr.median_ms / 1000)
+    return out
+
+
+def _time_pair(model, x1, xb, cfg: BenchConfig, warm: dict):
+    with torch.inference_mode():
+        lat = time_fn(lambda: model(x1), device=cfg.device, runs=cfg.runs, min_seconds=cfg.min_seconds, **warm)
+        thr = time_fn(lambda: model(xb), device=cfg.device, runs=cfg.runs, min_seconds=cfg.min_seconds, **warm)
+    return lat, thr
 
 
 def measure_detector(name: str, cfg: BenchConfig, num_classes: int = 80) -> dict:
@@ -497,4 +542,7 @@ def measure_detector(name: str, cfg: BenchConfig, num_classes: int = 80) -> dict
     if torch.device(cfg.device).type == "cuda":
         row["peak_mem_mb"] = torch.cuda.max_memory_allocated(torch.device(cfg.device)) / 2**20
     row["achieved_gmacs_per_s"] = row["gmacs"] * row["throughput_ips"]
+    if not cfg.eager and cfg.backends:
+        # the detector's backends take images in 0..1, as predict gives them
+        row.update(backend_timings(build, [images[0].clamp(0, 1)], list(images.clamp(0, 1)), cfg, size=size))
     return row

@@ -25,7 +25,8 @@ ROW_COLUMNS = [
     "name", "library", "family", "task", "status", "error", "device", "dtype", "layout", "compile",
     "inference_path", "input", "batch", "params_m", "paper_params_m", "gmacs", "paper_gmacs", "paper_top1_err",
     "latency_ms", "latency_p90_ms", "throughput_ips", "train_ips", "postprocess_ms", "peak_mem_mb",
-    "model_mem_mb", "achieved_gmacs_per_s", "peak_fraction", "ratio_vs_peer", "peer", "unsupported_ops",
+    "model_mem_mb", "achieved_gmacs_per_s", "peak_fraction", "ratio_vs_peer", "peer", "latency_ms_compile",
+    "throughput_ips_compile", "latency_ms_onnxruntime", "throughput_ips_onnxruntime", "unsupported_ops",
     "cpu", "cores", "threads", "gpu", "torch", "torchvision", "cuda",
 ]
 
@@ -71,19 +72,25 @@ _TABLE = [("name", "network"), ("library", "lib"), ("input", "input"), ("params_
           ("peak_mem_mb", "mem MB"), ("peak_fraction", "of peak"), ("ratio_vs_peer", "vs peer")]
 
 
+#: a column per extra backend (bench --backend), shown where a row has it
+_BACKEND_COLUMNS = [("latency_ms_compile", "lat ms compile"), ("latency_ms_onnxruntime", "lat ms ort"),
+                    ("throughput_ips_onnxruntime", "img/s ort")]
+
+
 def bench_table(rows: Sequence[dict], title: str):
     """The rows as a ``rich`` table for the console (a failed row says so and stays empty)."""
     from rich.table import Table
 
     table = Table(title=title, header_style="bold")
-    for _, head in _TABLE:
+    cols = _TABLE + [(k, h) for k, h in _BACKEND_COLUMNS if any(r.get(k) not in (None, "") for r in rows)]
+    for _, head in cols:
         table.add_column(head, justify="left" if head in ("network", "lib") else "right")
     for r in rows:
         if r["status"] != "ok":
-            table.add_row(r["name"], r["library"], "[red]failed[/]", *[""] * (len(_TABLE) - 3))
+            table.add_row(r["name"], r["library"], "[red]failed[/]", *[""] * (len(cols) - 3))
             continue
         cells = []
-        for key, _ in _TABLE:
+        for key, _ in cols:
             v = r.get(key, "")
             if key == "peak_fraction" and v != "":
                 cells.append(f"{100 * v:.1f}%")
@@ -214,7 +221,8 @@ _DISPLAY = [
     ("params_m", "params (M)"), ("paper_params_m", "paper (M)"), ("gmacs", "GMACs"), ("paper_gmacs", "paper GMACs"),
     ("latency_ms", "latency b1 (ms)"), ("latency_p90_ms", "p90 (ms)"), ("throughput_ips", "img/s"),
     ("train_ips", "train img/s"), ("postprocess_ms", "post (ms/img)"), ("peak_mem_mb", "peak mem (MB)"),
-    ("peak_fraction", "of peak"), ("ratio_vs_peer", "vs peer"),
+    ("peak_fraction", "of peak"), ("ratio_vs_peer", "vs peer"), ("latency_ms_compile", "b1 compile (ms)"),
+    ("latency_ms_onnxruntime", "b1 onnxruntime (ms)"), ("throughput_ips_onnxruntime", "onnxruntime img/s"),
 ]
 
 

@@ -127,7 +127,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     det_size = 512 if args.size is None or args.task == "cls" else args.size
     cfg = BenchConfig(input=args.size if args.task == "cls" else None, batch=batch, device=device,
                       dtype=args.dtype, channels_last=args.channels_last, compile=args.compile, task=args.task,
-                      det_size=det_size, eager=args.eager, train=not args.no_train, runs=args.runs)
+                      det_size=det_size, eager=args.eager, train=not args.no_train, runs=args.runs,
+                      backends=tuple(dict.fromkeys(b for b in args.backend if b != "torch")))
     plan = plan_bench(args.names, cfg, family=args.family, compare=args.compare)
     for msg in plan.notes:
         err_console.print(f"[yellow]{msg}[/]")
@@ -193,6 +194,10 @@ def register(subparsers) -> None:
     sp.add_argument("--task", default="cls", choices=list(MODES), help="cls: the backbone; det: inside RetinaNet")
     sp.add_argument("--det-size", dest="size", action=A.Renamed, new="--size", type=A.integer(32))
     sp.add_argument("--compare", action="store_true", help="also measure the torchvision/timm twins, with a ratio")
+    sp.add_argument("--backend", nargs="+", choices=("torch", "compile", "onnxruntime"), default=["torch"],
+                    help="inference backends to time vertebra's networks on, a column each (torch: "
+                         "optimize_for_inference, always measured; compile: torch.compile of it; onnxruntime: the "
+                         "exported ONNX graph, CPU float32, needs pip install vertebra[onnx])")
     sp.add_argument("--eager", action="store_true", help="vertebra without its inference path (no BN folding)")
     sp.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
     sp.add_argument("--runs", type=A.POSITIVE_INT, default=3, help="timed runs per measurement (after warm-up)")

@@ -12,6 +12,12 @@ from ._console import console, print_error
 __all__ = ["register", "cmd_compare"]
 
 
+def _device(arg: str | None) -> str:
+    from ..devices import default_device
+
+    return default_device() if arg is None else arg
+
+
 def _config(args):
     from ..bench.compare import CompareConfig
     from ..data.sources import DataSource
@@ -23,7 +29,7 @@ def _config(args):
         "data", "coco_ann", "coco_images", "val_coco_ann", "val_coco_images", "voc")},
         size=args.size, minutes=minutes, steps=args.steps, seed=args.seed,
         preset="finetune" if args.pretrained else "scratch", batch=args.batch, val_limit=args.val_limit,
-        curve_points=args.curve_points, device=args.device or "cpu", threads=args.threads, workers=args.workers)
+        curve_points=args.curve_points, device=_device(args.device), threads=args.threads, workers=args.workers)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -154,7 +160,8 @@ def register(subparsers) -> None:
     r = p.add_argument_group("run")
     r.add_argument("--out", default=None, metavar="DIR",
                    help="report folder (default reports/compare-<data>-<preset>-<budget>-<size>px-s<seed>-<hash>)")
-    r.add_argument("--device", type=A.device, default=None, help="cpu (default) or cuda (one backbone per GPU)")
+    r.add_argument("--device", type=A.device, default=None,
+                   help="cpu, cuda (one backbone per GPU at a time) ... (default: cuda when available)")
     r.add_argument("--threads", type=A.POSITIVE_INT, default=None, help="torch CPU threads per backbone")
     r.add_argument("--workers", type=A.COUNT, default=0, help="data-loading processes per backbone (default 0)")
     r.add_argument("--against", metavar="DIR", type=A.existing_dir, default=None,

@@ -259,6 +259,11 @@ def register(subparsers) -> None:
                    help="bf16: the network in bfloat16 (about twice as fast on CPUs with bf16 instructions; scores "
                         "agree with float32 to about 2 decimals, boxes and NMS stay float32)")
     q.add_argument("--bf16", dest="dtype", action=A.Renamed, new="--dtype", nargs=0, const="bf16")
+    q.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                   help="torch: the PyTorch model made for inference (BatchNorm folded, fused, channels_last); "
+                        "onnxruntime: the model exported to ONNX and run by onnxruntime (CPU, float32; checked "
+                        "against PyTorch when it is built; a detector sees each image fit into a square canvas of "
+                        "its training size; needs pip install vertebra[onnx])")
     q.set_defaults(handler=cmd_predict, _check=check_predict, _parser=q)
 
 
@@ -354,6 +359,17 @@ def check_eval(args) -> None:
 def check_predict(args) -> None:
     if args.dtype == "bf16":
         A.check_precision("bf16", _device(args.device), "--dtype bf16")
+    if args.backend == "onnxruntime":
+        if args.dtype != "fp32":
+            raise A.UsageError("--backend", "onnxruntime runs the float32 graph: leave out --dtype bf16")
+        if args.device is not None and not args.device.startswith("cpu"):
+            raise A.UsageError("--backend", f"onnxruntime runs on the CPU here, not on {args.device}")
+        from ..export.runtime import require_onnxruntime
+
+        try:
+            require_onnxruntime()
+        except ImportError as e:
+            raise A.UsageError("--backend", str(e)) from None
 
 
 #: flag dests that fill another TrainConfig field
@@ -645,8 +661,14 @@ def cmd_predict(args) -> int:
             model, state = pretrained_detector(args.backbone, args.pretrained, device)
         else:
             model, state = load_model(args.checkpoint, ema=not args.no_ema, device=device)
-        # BN folded, channels_last, fused conv + ReLU (outputs equal within float rounding); bf16 on request
-        model = optimize_for_inference(model, inplace=True, dtype=torch.bfloat16 if args.dtype == "bf16" else None)
+        # BN folded, channels_last, fused conv + ReLU (outputs equal within float rounding); bf16 on request; or the
+        # ONNX graph in onnxruntime (checked against PyTorch as it is built)
+        if args.backend == "onnxruntime":
+            device = "cpu"
+            model = optimize_for_inference(model.cpu(), inplace=True, backend="onnxruntime")
+        else:
+            model = optimize_for_inference(model, inplace=True,
+                                           dtype=torch.bfloat16 if args.dtype == "bf16" else None)
         results = predict_images(model, state, paths, Path(args.out), args.score_thresh, device, skipped=skipped,
                                  save_txt=args.save_txt)
     except (CheckpointError, DataError, WeightsError, FileNotFoundError, ValueError) as e:

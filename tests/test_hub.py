@@ -313,8 +313,12 @@ def test_train_pretrained_fine_tunes_and_says_so(weights_server, monkeypatch, tm
     body = vertebra.create_backbone("shufflenet_v2_x0_5", pretrained=True, features_only=True)
     torch.testing.assert_close(model.net.backbone.state_dict()["conv1.conv.weight"],
                                body.state_dict()["conv1.conv.weight"])
-    # without --pretrained: from scratch, and the record says the weights exist
-    assert main(["train", *common, "--out", str(tmp_path / "scratch")]) == 0
+    # without a weights flag the cached published weights are fine-tuned (the finetune preset, no new download);
+    # --scratch trains from random init, and the record says the weights exist
+    assert main(["train", *common, "--out", str(tmp_path / "auto")]) == 0
+    cfg = json.loads((tmp_path / "auto" / "config.json").read_text())
+    assert cfg["init"]["mode"] == "fine-tune" and cfg["preset"] == "finetune" and len(weights_server.requests) == 1
+    assert main(["train", *common, "--scratch", "--out", str(tmp_path / "scratch")]) == 0
     init = json.loads((tmp_path / "scratch" / "config.json").read_text())["init"]
     assert init["mode"] == "from-scratch" and "--pretrained fine-tunes them" in init["reason"]
     (tmp_path / "x.pth").write_bytes(b"")

@@ -131,6 +131,8 @@ def plan_compare(names: list[str] | None, cfg: CompareConfig, *, family: str | N
     from .runner import headline_names
 
     cfg.check()
+    if cfg.source.get("coco_ann") and not cfg.source.get("val_coco_ann"):
+        raise ValueError("a comparison scores each backbone on validation data: give --val-coco (and --val-images)")
     if names:
         names = list(dict.fromkeys(names))
     elif family:
@@ -470,8 +472,8 @@ def compare_table_rows(rows: list[dict[str, Any]], brief: bool = False) -> tuple
         f = _num(v)
         if f is None:
             return "" if v is None else str(v)
-        if k in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
-            return f"{f:.3f}"
+        if k in METRICS:
+            return "n/a" if f < 0 else f"{f:.3f}"  # -1: the validation set has no object of that size
         if k == "steps":
             return str(int(f))
         return f"{f:.2f}" if abs(f) < 100 else f"{f:.0f}"
@@ -525,8 +527,8 @@ def _plots(rows: list[dict[str, Any]], cfg: CompareConfig) -> dict[str, bytes]:
     order = sorted(ok, key=lambda r: -(_num(r.get("AP")) or 0.0))
     width = 0.27
     for j, (k, color) in enumerate((("APs", "tab:blue"), ("APm", "tab:orange"), ("APl", "tab:green"))):
-        ax.bar([i + (j - 1) * width for i in range(len(order))], [_num(r.get(k)) or 0.0 for r in order], width,
-               color=color, label=k)
+        ax.bar([i + (j - 1) * width for i in range(len(order))], [max(0.0, _num(r.get(k)) or 0.0) for r in order],
+               width, color=color, label=k)  # -1 (no object of that size) drawn as no bar
     ax.set_xticks(range(len(order)))
     ax.set_xticklabels([r["name"] for r in order], rotation=40, ha="right", fontsize=8)
     ax.set_ylabel("COCO AP (val)")

@@ -45,7 +45,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return 2
     plain = dict(markup=False, highlight=False)
     n_train = len(plan.names) - len(plan.excluded)
-    per = (cfg.minutes + 0.6) if cfg.minutes is not None else None
+    per = (1.05 * cfg.minutes + 0.3) if cfg.minutes is not None else None  # + evaluations, timing, start-up
     console.print(f"comparing {n_train} backbones as RetinaNet detectors ({cfg.budget()} each, {cfg.preset} preset, "
                   f"{cfg.size} px, seed {cfg.seed}) into {plan.out}"
                   + (f"; about {n_train * per:.0f} min if none is done yet" if per else ""), **plain)
@@ -127,7 +127,7 @@ def register(subparsers) -> None:
                     "the detector's latency, parameters, GMACs and training images/s, in a table, results.csv / "
                     "results.json and report.html (AP50 against latency with the Pareto front, AP50 against "
                     "training minutes, AP by object size). Running the same command again continues where it "
-                    "stopped. With no names: a quick set of 8 families (about 13 min on 2 CPU cores at the "
+                    "stopped. With no names: a quick set of 8 families (about 11 min on 2 CPU cores at the "
                     "defaults); --survey: every headline network of the survey.")
     p.add_argument("names", nargs="*", metavar="NAME", help="backbones (vertebra list); default the quick set")
     p.add_argument("--family", default=None, help="every network of a family (vertebra list --family)")

@@ -17,6 +17,7 @@ trained.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import html
@@ -225,7 +226,7 @@ def _time_detector(trainer, size: int) -> dict[str, Any]:
 
     model = trainer.model
     ema = trainer.ema
-    with ema.applied_to(model) if ema is not None else _null():
+    with ema.applied_to(model) if ema is not None else contextlib.nullcontext():
         det = copy.deepcopy(model).eval()
     params = count_params(det) / 1e6
     counter = FlopCounterMode(display=False)
@@ -237,14 +238,6 @@ def _time_detector(trainer, size: int) -> dict[str, Any]:
     with torch.inference_mode():
         t = time_fn(lambda: det(x), device=trainer.device, warmup=2, runs=5, min_seconds=1.0)
     return {"params_m": params, "gmacs": gmacs, "latency_ms": t.median_ms}
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 # --------------------------------------------------------------------------------------------- the run (parent)

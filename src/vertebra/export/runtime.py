@@ -54,13 +54,9 @@ def _importable(name: str) -> bool:
 
 
 def _session(data: bytes, threads: int | None):
-    import onnxruntime as ort
+    from .backbone import _ort_session  # the export check's session: CPU provider, every graph optimisation
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        so.intra_op_num_threads = int(threads)
-    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    return _ort_session(data, threads)
 
 
 class OnnxRuntimeModule(nn.Module):

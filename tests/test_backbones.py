@@ -3,6 +3,7 @@ matches its paper's parameter count and, where one exists, its torchvision/timm 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -175,11 +176,60 @@ def test_twin_equal(name, reference):
         ours = model(x)
         scale = ref.abs().max().clamp_min(1e-6)
         assert (ours - ref).abs().max() <= 1e-5 * scale
+        # the inference path (BatchNorm folded, fused and packed oneDNN / MKL calls) within the same tolerance,
+        # or within 20x the network's own float32 rounding where that is larger (a deep random network amplifies
+        # rounding: SE-ResNet-101's float32 outputs differ from its float64 ones by 2e-3 of their scale)
+        fast = vertebra.optimize_for_inference(model)
+        assert (fast(x) - ref).abs().max() <= max(1e-5 * scale, 20 * float32_rounding(model, x, ref))
         # the features_only model loads the same state_dict (its head keys are dropped)
         fo = build(name, features_only=True, **kw).eval()
         vertebra.load_reference_weights(fo, twin.state_dict(), source=source)
         for a, b in zip(fo(x), model.forward_intermediates(x, intermediates_only=True)):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def float32_rounding(model, x, want) -> float:
+    """How far the float32 outputs ``want`` of ``model`` at ``x`` are from its float64 ones."""
+    with torch.no_grad():
+        return float((copy.deepcopy(model).double()(x.double()) - want.double()).abs().max())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_inference_path_keeps_the_outputs(name):
+    """optimize_for_inference (folds, fusions, pre-activation clamps, DenseNet's buffer) computes the eval model's
+    function exactly: in float64 (plain ops) to 1e-6; in float32 (oneDNN / MKL calls, packed weights) within
+    2e-5 of the scale or 20x the network's own float32 rounding; with BatchNorm scales of both signs and zero,
+    at two batch sizes, and again after a deep copy (the packed weights are rebuilt). Where those statistics overflow
+    float32, the float32 part takes the network's initial ones (and a
+    smaller input where those overflow too)."""
+    model = build(name).eval()
+    _randomise_bn(model)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d) and m.weight is not None:
+                m.weight[::7] *= -1
+                m.weight[3::11] = 0
+    s = small_size(model)
+    x = torch.randn(2, model.in_chans, s, s)
+    exact = copy.deepcopy(model).double()
+    with torch.inference_mode():
+        want = exact(x.double())
+        got = vertebra.optimize_for_inference(exact)(x.double())
+        # float64 rounding only (a deep network with these statistics amplifies it: SE-ResNet-152 4e-8)
+        assert (got - want).abs().max() <= 1e-6 * want.abs().max().clamp_min(1e-6)
+        if not torch.isfinite(model(x)).all():  # PreAct-ResNet-1001 overflows float32 with these statistics
+            model = build(name).eval()
+        for _ in range(4):  # and with its initial ones (activations grow 1e42-fold): a smaller input then
+            if torch.isfinite(model(x)).all():
+                break
+            x = x * 1e-10
+    fast = vertebra.optimize_for_inference(model)
+    with torch.inference_mode():
+        for batch in (1, 2):
+            want = model(x[:batch])
+            tol = max(2e-5 * float(want.abs().max().clamp_min(1e-6)), 20 * float32_rounding(model, x[:batch], want))
+            assert (fast(x[:batch]) - want).abs().max() <= tol, batch
+        assert (copy.deepcopy(fast)(x) - want).abs().max() <= tol
 
 
 def test_every_published_weights_entry_is_a_tested_twin():

@@ -62,7 +62,22 @@ class DenseLayer(nn.Module):
         self.memory_efficient = memory_efficient
 
     def bottleneck(self, inputs: list[Tensor]) -> Tensor:
-        return self.conv1(self.relu1(self.norm1(torch.cat(inputs, 1))))
+        x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, 1)
+        return self.conv1(self.relu1(self.norm1(x)))
+
+    def fuse_for_inference(self) -> None:
+        """After ``layers.fused.fuse_conv_act``: norm1-relu1-conv1 as a clamp and a convolution
+        (``layers.fused.PreActConv``), norm2 and relu2 folded into conv1."""
+        from ..layers.fused import FusedConv, preact_conv
+
+        if not (isinstance(self.conv1, FusedConv) and isinstance(self.relu1, nn.ReLU)
+                and isinstance(self.relu2, nn.ReLU)):
+            return
+        if self.conv1.absorb_bn(self.norm2, relu=True):
+            self.norm2, self.relu2 = nn.Identity(), nn.Identity()
+        pre = preact_conv(self.norm1, self.conv1)
+        if pre is not None:
+            self.norm1, self.relu1, self.conv1 = nn.Identity(), nn.Identity(), pre
 
     def _checkpointed_bottleneck(self, inputs: list[Tensor]) -> Tensor:
         calls = [0]
@@ -105,10 +120,26 @@ class DenseBlock(nn.Module):
         self.out_channels = in_ch + num_layers * growth_rate
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():
+            return self._forward_into_buffer(x)
         features = [x]
         for layer in self.children():
             features.append(layer(features))
         return torch.cat(features, 1)
+
+    def _forward_into_buffer(self, x: Tensor) -> Tensor:
+        """Without autograd: each layer writes its k channels into the block's output and reads the channels
+        before them as a view of it, so no layer concatenates its inputs (same values as the list path)."""
+        n, c, h, w = x.shape
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and c > 1 else \
+            torch.contiguous_format
+        out = torch.empty((n, self.out_channels, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+        out[:, :c].copy_(x)
+        for layer in self.children():
+            y = layer([out[:, :c]])
+            out[:, c:c + y.shape[1]].copy_(y)
+            c += y.shape[1]
+        return out
 
 
 class Transition(nn.Sequential):

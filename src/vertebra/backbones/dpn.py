@@ -73,6 +73,16 @@ class DualPathBlock(nn.Module):
         self.conv3 = BnActConv(mid, bw + inc, 1)
         self.drop_path = DropPath(drop_path)
 
+    def fuse_for_inference(self) -> None:
+        """After ``layers.fused.fuse_conv_act``: conv2's BatchNorm and ReLU folded into conv1's convolution."""
+        from ..layers.fused import FusedConv, PreActConv
+
+        first = self.conv1.conv
+        inner = first.conv if isinstance(first, PreActConv) else first
+        if isinstance(inner, FusedConv) and isinstance(self.conv2.act, nn.ReLU) \
+                and inner.absorb_bn(self.conv2.bn, relu=True):
+            self.conv2.bn, self.conv2.act = nn.Identity(), nn.Identity()
+
     def forward(self, x: Tensor) -> Tensor:
         paths = x if self.proj is None else self.proj(x)
         out = self.conv3(self.conv2(self.conv1(x)))

@@ -55,6 +55,16 @@ class Fire(nn.Module):
         self.bypass = bypass
         self.bypass_conv = nn.Conv2d(in_ch, out_ch, 1) if bypass == "complex" else None
 
+    def fuse_for_inference(self) -> None:
+        """After ``layers.fused.fuse_conv_act``: the three ReLUs run inside their convolutions."""
+        from ..layers.fused import FusedConv
+
+        convs = (self.squeeze, self.expand1x1, self.expand3x3)
+        if isinstance(self.act, nn.ReLU) and all(isinstance(c, FusedConv) and not c.relu for c in convs):
+            for c in convs:
+                c.relu = True
+            self.act = nn.Identity()
+
     def forward(self, x: Tensor) -> Tensor:
         s = self.act(self.squeeze(x))
         out = torch.cat([self.act(self.expand1x1(s)), self.act(self.expand3x3(s))], 1)

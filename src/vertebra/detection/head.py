@@ -55,19 +55,6 @@ class RetinaNetHead(nn.Module):
                     nn.init.zeros_(m.bias)
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_probability) / prior_probability))
 
-    def fuse_towers(self) -> None:
-        """Inference only: every tower conv + ReLU runs as one oneDNN call on CPU (``layers.fused.FusedConv``;
-        plain ops elsewhere). The parameter names stay the same; towers with GroupNorm are left as they are."""
-        from ..layers.fused import FusedConv
-
-        if self.norm is not None:
-            return
-        for tower in (self.cls_tower, self.box_tower):
-            for block in tower:
-                if type(block[0]) is nn.Conv2d and len(block) == 2 and isinstance(block[1], nn.ReLU):
-                    block[0] = FusedConv(block[0], relu=True)
-                    block[1] = nn.Identity()
-
     def forward(self, levels: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         k = self.num_classes
         cls_out, box_out = [], []

@@ -100,9 +100,8 @@ class RetinaNetCore(nn.Module):
 
         if fold_bn:
             fold_bn_pairs(self)
-            if fuse:
-                fuse_conv_act(self.backbone)
-                self.head.fuse_towers()
+            if fuse:  # the backbone's, the FPN's and the head's convolutions (and the towers' ReLUs)
+                fuse_conv_act(self)
         self._input_format = torch.channels_last if channels_last else torch.contiguous_format
         self.to(memory_format=self._input_format)
         if dtype is not None:

@@ -13,6 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+#: input shapes a FusedConv keeps a packed weight for
+_PACKED_SHAPES = 4
+
+
+def _weight_key(w: Tensor) -> tuple:
+    """What a packed copy of ``w`` depends on: its dtype, storage and version (an inference tensor, made under
+    ``torch.inference_mode``, has no version counter and cannot be changed in place outside it)."""
+    return w.dtype, w.data_ptr(), 0 if w.is_inference() else w._version
+
 
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
@@ -36,6 +45,9 @@ class FusedConv(nn.Module):
         self.weight = nn.Parameter(conv.weight.detach().contiguous(memory_format=torch.channels_last),
                                    requires_grad=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size = conv.kernel_size
+        self._packed: dict[tuple, Tensor] = {}
 
     def _onednn(self, x: Tensor) -> bool:
         # plain ops whenever a graph is being captured (torch.jit.trace / the TorchScript ONNX exporter,
@@ -43,13 +55,54 @@ class FusedConv(nn.Module):
         return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and not _capturing() \
             and onednn_available()
 
+    def _packed_weight(self, x: Tensor) -> Tensor:
+        """The weight reordered once into oneDNN's blocked layout for inputs of ``x``'s shape (the dense weight
+        is otherwise reordered on every call: at batch 1 that costs up to a third of a late layer's time).
+        Cached per input shape, weight dtype and weight version, so a cast or an in-place change of the weight
+        repacks; the dense weight where oneDNN cannot pack it."""
+        key = (tuple(x.shape), *_weight_key(self.weight))
+        packed = self._packed.get(key)
+        if packed is None:
+            try:
+                packed = torch.ops.mkldnn._reorder_convolution_weight(
+                    self.weight.detach(), self.padding, self.stride, self.dilation, self.groups, list(x.shape))
+            except (RuntimeError, AttributeError):
+                packed = self.weight
+            if len(self._packed) >= _PACKED_SHAPES:  # a detector sees many sizes: keep the latest few
+                self._packed.pop(next(iter(self._packed)))
+            self._packed[key] = packed
+        return packed
+
+    def __getstate__(self):  # copy.deepcopy / pickle: oneDNN's opaque tensors have no storage to copy
+        state = dict(self.__dict__)
+        state["_packed"] = {}
+        return state
+
     def forward(self, x: Tensor) -> Tensor:
         if self._onednn(x):
             return torch.ops.mkldnn._convolution_pointwise(
-                x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
+                x, self._packed_weight(x), self.bias, self.padding, self.stride, self.dilation, self.groups,
                 "relu" if self.relu else "none", [], "")
         y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return F.relu(y) if self.relu else y
+
+    @torch.no_grad()
+    def absorb_bn(self, bn: nn.Module, relu: bool = False) -> bool:
+        """Fold a fixed-statistics BatchNorm that follows this convolution (and the ReLU after it, ``relu``) into
+        it, in place; False (and nothing changed) where ``bn`` is not one (``conv_bn.bn_affine``)."""
+        from .conv_bn import bn_affine
+
+        affine = bn_affine(bn)
+        if affine is None or self.relu:
+            return False
+        scale, shift = affine
+        bias = self.bias if self.bias is not None else torch.zeros_like(shift)
+        self.weight = nn.Parameter((self.weight * scale.reshape(-1, 1, 1, 1)).contiguous(
+            memory_format=torch.channels_last), requires_grad=False)
+        self.bias = nn.Parameter(bias * scale + shift, requires_grad=False)
+        self.relu = relu
+        self._packed = {}
+        return True
 
     def add_relu(self, x: Tensor, other: Tensor) -> Tensor:
         """``relu(conv(x) + other)``: the tail of a residual block, in one call."""
@@ -57,10 +110,105 @@ class FusedConv(nn.Module):
             raise RuntimeError("add_relu needs a convolution without its own ReLU")
         if self._onednn(x) and other.shape[1] == self.weight.shape[0]:
             return torch.ops.mkldnn._convolution_pointwise.binary(
-                x, other.contiguous(memory_format=torch.channels_last), self.weight, self.bias, self.padding,
+                x, other.contiguous(memory_format=torch.channels_last), self._packed_weight(x), self.bias, self.padding,
                 self.stride, self.dilation, self.groups, "add", 1.0, "relu", [], "")
         return F.relu(F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
                       + other)
+
+
+def mkl_packed_linear_available() -> bool:
+    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+
+
+class FusedLinear(nn.Module):
+    """A linear layer whose float32 weight is packed once by MKL for the batch size it is called with (the
+    packed GEMM of a classifier at batch 8 takes about half the time of a plain one; at batch 1, a memory-bound
+    matrix-vector product, it is the same). Plain ``F.linear`` elsewhere (another dtype or device, a graph
+    being captured, a build without MKL)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self._packed: dict[tuple, Tensor] = {}
+
+    def __getstate__(self):  # copy.deepcopy / pickle: the packed weights are rebuilt on first use
+        state = dict(self.__dict__)
+        state["_packed"] = {}
+        return state
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32 \
+                or _capturing() or not mkl_packed_linear_available():
+            return F.linear(x, self.weight, self.bias)
+        lead = x.shape[:-1]
+        rows = x.numel() // max(self.in_features, 1)
+        key = (rows, *_weight_key(self.weight))
+        packed = self._packed.get(key)
+        if packed is None:
+            try:
+                packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight.detach(), rows)
+            except RuntimeError:
+                return F.linear(x, self.weight, self.bias)
+            if len(self._packed) >= _PACKED_SHAPES:
+                self._packed.pop(next(iter(self._packed)))
+            self._packed[key] = packed
+        out = torch.ops.mkl._mkl_linear(x.reshape(rows, self.in_features).contiguous(), packed, self.weight,
+                                        self.bias, rows)
+        return out.reshape(*lead, self.out_features)
+
+
+class PreActConv(nn.Module):
+    """``conv(relu(bn(x)))`` of a pre-activation unit, for a 1x1 convolution without padding, as
+    ``conv'(clamp(x, lo, hi))``: one elementwise pass over the input instead of the BatchNorm's and the ReLU's.
+
+    Per channel ``relu(a * x + b) == a * clamp(x) + b'`` with ``t = -b / a``: ``clamp = max(x, t)``, ``b' = b`` for
+    ``a > 0``; ``min(x, t)``, ``b' = b`` for ``a < 0``; ``clamp = 0``, ``b' = relu(b)`` for ``a == 0``. The scale ``a``
+    goes into the convolution's input channels, and ``conv(b')`` (a constant: the kernel is 1x1 and unpadded) into
+    its bias. Build it with :func:`preact_conv`."""
+
+    def __init__(self, lo: Tensor, hi: Tensor, conv: FusedConv) -> None:
+        super().__init__()
+        self.register_buffer("lo", lo.reshape(1, -1, 1, 1))
+        self.register_buffer("hi", hi.reshape(1, -1, 1, 1))
+        self.conv = conv
+
+    def forward(self, x: Tensor) -> Tensor:
+        lo, hi = self.lo.to(x.dtype), self.hi.to(x.dtype)
+        if _capturing():  # ONNX's Clip takes scalar bounds only: Max / Min broadcast
+            return self.conv(torch.maximum(torch.minimum(x, hi), lo))
+        return self.conv(torch.clamp(x, lo, hi))
+
+
+@torch.no_grad()
+def preact_conv(bn: nn.Module, conv: nn.Module) -> PreActConv | None:
+    """``bn -> relu -> conv`` as a :class:`PreActConv`, or None where that is not exact: ``bn`` without fixed
+    statistics, ``conv`` not a 1x1 unpadded :class:`FusedConv` (a padded convolution would see the clamped
+    input's zero padding where the original sees relu(bn(0)))."""
+    from .conv_bn import bn_affine
+
+    affine = bn_affine(bn)
+    if affine is None or not isinstance(conv, FusedConv) or tuple(conv.weight.shape[2:]) != (1, 1) \
+            or any(conv.padding) or conv.weight.shape[1] * conv.groups != affine[0].numel():
+        return None
+    a, b = affine
+    t = torch.where(a != 0, -b / torch.where(a != 0, a, 1), 0)
+    inf = torch.full_like(t, float("inf"))
+    lo = torch.where(a > 0, t, torch.where(a < 0, -inf, 0))
+    hi = torch.where(a < 0, t, torch.where(a > 0, inf, 0))
+    const = torch.where(a != 0, b, b.clamp_min(0))
+    w = conv.weight
+    bias = F.conv2d(const.reshape(1, -1, 1, 1).to(w.dtype), w, None, groups=conv.groups).flatten()
+    if conv.bias is not None:
+        bias = bias + conv.bias
+    cin = w.shape[1]
+    scale = a.reshape(conv.groups, 1, cin).expand(conv.groups, w.shape[0] // conv.groups, cin).reshape(w.shape[0], cin)
+    conv.weight = nn.Parameter((w * scale[:, :, None, None]).contiguous(memory_format=torch.channels_last),
+                               requires_grad=False)
+    conv.bias = nn.Parameter(bias, requires_grad=False)
+    conv._packed = {}
+    return PreActConv(lo, hi, conv)
 
 
 class FusableTail:
@@ -80,29 +228,44 @@ class FusableTail:
         self.fused_tail = isinstance(conv, FusedConv) and not conv.relu
 
 
-def fuse_conv_act(model: nn.Module) -> nn.Module:
-    """Replace every folded ``ConvBnAct``-like Sequential (conv, [Identity], [ReLU]) by a FusedConv.
+def _plain_conv(m: nn.Module) -> bool:
+    return type(m) is nn.Conv2d and not isinstance(m.padding, str) and m.padding_mode == "zeros"
 
-    Then every :class:`FusableTail` block routes its tail through :meth:`FusedConv.add_relu`.
+
+def fuse_conv_act(model: nn.Module) -> nn.Module:
+    """For inference, in place, after BatchNorm folding: every plain ``nn.Conv2d`` becomes a :class:`FusedConv`
+    (its weight packed once for oneDNN) and every ``nn.Linear`` a :class:`FusedLinear` (packed once for MKL).
+    Inside an ``nn.Sequential``: the ReLU that follows a convolution (after Identities: a folded BatchNorm) is
+    fused into it (``ConvBnAct``, the detector's head towers), and a pre-activation ``BatchNorm -> ReLU -> 1x1
+    conv`` becomes a :class:`PreActConv`; the modules fused away become Identities.
+
+    Then every module with a ``fuse_for_inference()`` method does its own fusions, where its forward combines
+    modules outside a Sequential (:class:`FusableTail`'s residual tails, SqueezeNet's Fire, DenseNet's layer).
     """
+    seqs = [m for m in model.modules() if isinstance(m, nn.Sequential)]
+    for seq in seqs:
+        names = list(seq._modules)
+        for i, name in enumerate(names):
+            if not _plain_conv(seq._modules[name]):
+                continue
+            j = i + 1
+            while j < len(names) and isinstance(seq._modules[names[j]], nn.Identity):
+                j += 1
+            relu = j < len(names) and type(seq._modules[names[j]]) is nn.ReLU
+            seq._modules[name] = FusedConv(seq._modules[name], relu)
+            if relu:
+                seq._modules[names[j]] = nn.Identity()
+        for bn, act, conv in zip(names, names[1:], names[2:]):
+            if type(seq._modules[act]) is nn.ReLU and (pre := preact_conv(seq._modules[bn], seq._modules[conv])):
+                seq._modules[bn], seq._modules[act], seq._modules[conv] = nn.Identity(), nn.Identity(), pre
+    for parent in list(model.modules()):
+        for name, child in parent._modules.items():
+            if child is not None and _plain_conv(child):
+                parent._modules[name] = FusedConv(child, relu=False)
+            elif type(child) is nn.Linear:
+                parent._modules[name] = FusedLinear(child)
     for module in list(model.modules()):
-        if not isinstance(module, nn.Sequential) or "conv" not in module._modules:
-            continue
-        conv = module._modules["conv"]
-        rest = [m for k, m in module._modules.items() if k != "conv"]
-        if type(conv) is not nn.Conv2d or isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-            continue
-        if not all(isinstance(m, (nn.Identity, nn.ReLU)) for m in rest) or \
-                sum(isinstance(m, nn.ReLU) for m in rest) > 1:
-            continue
-        relu = any(isinstance(m, nn.ReLU) for m in rest)
-        if any(isinstance(m, nn.ReLU) for m in rest) and not isinstance(rest[-1], nn.ReLU):
-            continue
-        module._modules["conv"] = FusedConv(conv, relu)
-        for k in list(module._modules):
-            if k != "conv":
-                module._modules[k] = nn.Identity()
-    for module in model.modules():
-        if isinstance(module, FusableTail):
-            module.fuse_for_inference()
+        hook = getattr(module, "fuse_for_inference", None)
+        if callable(hook) and not isinstance(module, (FusedConv, FusedLinear, PreActConv)):
+            hook()
     return model

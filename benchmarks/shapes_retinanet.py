@@ -23,6 +23,7 @@ The measured figures are in ``benchmarks/RESULTS.md`` (section shapes_retinanet)
 
     python benchmarks/shapes_retinanet.py                       # 15 minutes, the recipe above
     python benchmarks/shapes_retinanet.py --minutes 5 --eval-every 2.5 --val-limit 100
+    python benchmarks/shapes_retinanet.py --breakdown 20          # where a step's time goes, at each size
 """
 
 from __future__ import annotations
@@ -42,6 +43,47 @@ from vertebra.detection.anchors import scaled_anchor_sizes
 from vertebra.engine.config import TrainConfig
 from vertebra.engine.presets import apply_preset
 from vertebra.engine.train import Trainer
+
+
+def step_breakdown(trainer: Trainer, steps: int) -> int:
+    """Median milliseconds of each phase of ``steps`` training steps (after 3 untimed ones) at every input size of
+    the trainer's progressive schedule: the phases of ``Trainer.train_step`` run one by one on the trainer's own
+    loader, model, loss, optimizer and EMA."""
+    import statistics
+
+    sizes = sorted({s for s, _ in trainer.cfg.progressive} | {trainer.size}) if trainer.cfg.progressive \
+        else [trainer.size]
+    loader = iter(trainer._train_loader(0, 0))
+    phases = ("data", "forward + loss", "backward", "optimizer", "EMA")
+    print(f"{'size':>5} " + "".join(f"{p:>16}" for p in phases) + f"{'step':>10}{'images/s':>10}   (ms, median of "
+          f"{steps})")
+    model = trainer.model.train()
+    for size in sizes:
+        trainer.train_size = lambda s=size: s
+        times = {p: [] for p in phases}
+        for i in range(steps + 3):
+            t = [time.perf_counter()]
+            batch = next(loader)
+            t.append(time.perf_counter())
+            trainer.optimizer.zero_grad(set_to_none=True)
+            total, _, n = trainer.compute_loss(batch)
+            float(total.detach())
+            t.append(time.perf_counter())
+            total.backward()
+            t.append(time.perf_counter())
+            trainer.optimizer.step()
+            t.append(time.perf_counter())
+            if trainer.ema is not None:
+                trainer.ema.update(model)
+            t.append(time.perf_counter())
+            if i >= 3:
+                for p, a, b in zip(phases, t, t[1:]):
+                    times[p].append(1000 * (b - a))
+        med = {p: statistics.median(v) for p, v in times.items()}
+        step = sum(med.values())
+        print(f"{size:>5} " + "".join(f"{med[p]:>16.1f}" for p in phases) + f"{step:>10.1f}"
+              f"{trainer.plan.batch * 1000 / step:>10.1f}", flush=True)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -71,6 +113,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--breakdown", type=int, default=0, metavar="STEPS",
+                   help="instead of training to the budget: time STEPS steps at each size of the progressive "
+                        "schedule and print where a step's time goes (data, forward + loss, backward, optimizer, "
+                        "EMA; medians)")
     args = p.parse_args(argv)
 
     root = ensure_shapes(Path(args.data))
@@ -96,6 +142,8 @@ def main(argv=None) -> int:
           f"{args.threads or torch.get_num_threads()}; load average at start {load0[0]:.1f} / {load0[1]:.1f} / "
           f"{load0[2]:.1f}")
     trainer = Trainer(cfg)
+    if args.breakdown:
+        return step_breakdown(trainer, args.breakdown)
     full_val = trainer.val_set
     if args.val_limit and full_val is not None:
         import copy

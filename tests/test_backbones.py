@@ -227,8 +227,11 @@ def test_inference_path_keeps_the_outputs(name):
     with torch.inference_mode():
         for batch in (1, 2):
             want = model(x[:batch])
-            tol = max(2e-5 * float(want.abs().max().clamp_min(1e-6)), 20 * float32_rounding(model, x[:batch], want))
-            assert (fast(x[:batch]) - want).abs().max() <= tol, batch
+            diff = float((fast(x[:batch]) - want).abs().max())
+            tol = 2e-5 * float(want.abs().max().clamp_min(1e-6))
+            if diff > tol:  # the float64 run only where needed (most networks pass the first bound)
+                tol = max(tol, 20 * float32_rounding(model, x[:batch], want))
+            assert diff <= tol, batch
         assert (copy.deepcopy(fast)(x) - want).abs().max() <= tol
 
 

@@ -68,6 +68,23 @@ def test_densenet_memory_efficient_keeps_less_for_backward():
     assert efficient < 0.7 * plain, (efficient, plain)
 
 
+@pytest.mark.parametrize("name,size", [("densenet_bc_100_12", 32), ("densenet121", 64)])
+def test_densenet_buffer_path_equals_the_concatenations(name, size):
+    """Without autograd a dense block writes each layer's channels into one buffer; with it, it concatenates:
+    the same values, in both layouts."""
+    torch.manual_seed(0)
+    model = vertebra.create_backbone(name).eval()
+    x = torch.randn(2, 3, size, size, requires_grad=True)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        model.to(memory_format=fmt)
+        xi = x.contiguous(memory_format=fmt)
+        with torch.enable_grad():
+            listed = model(xi)
+        with torch.no_grad():
+            buffered = model(xi)
+        torch.testing.assert_close(buffered, listed.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_densenet_rejects_drop_path():
     with pytest.raises(ValueError, match="no residual branches"):
         vertebra.create_backbone("densenet121", drop_path_rate=0.1)

@@ -223,6 +223,28 @@ def test_preprocess_for_export():
 
 
 # -- the inference path ----------------------------------------------------------------------------------------------
+def test_packed_weights_follow_the_weights():
+    """The oneDNN / MKL copies of the weights (packed on first use) are rebuilt after an in-place change of a
+    weight: the optimised model then computes with the new weights, as its plain-ops float64 copy does."""
+    import copy
+
+    from vertebra.layers.fused import FusedConv, FusedLinear
+
+    fast = optimize_for_inference(vertebra.create_backbone("resnet18", num_classes=10).eval())
+    assert any(isinstance(m, FusedConv) for m in fast.modules()) and isinstance(fast.head.fc, FusedLinear)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        before = fast(x)
+    with torch.no_grad():
+        for p in fast.parameters():
+            p.mul_(1.5)
+    with torch.inference_mode():
+        after = fast(x)
+        want = copy.deepcopy(fast).double()(x.double()).float()
+    assert (after - before).abs().max() > 0.1 * before.abs().max()
+    torch.testing.assert_close(after, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "densenet121"])
 def test_optimized_model_exports_without_fused_ops(name, tmp_path):
     x = torch.randn(2, 3, 64, 64)

@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-#: input shapes a FusedConv keeps a packed weight for
+#: below this many multiply-adds a 1x1 convolution runs as ATen's call (see FusedConv._tiny)
+_TINY_MACS = 1_000_000
+#: batch sizes a FusedConv / FusedLinear keeps a packed weight for
 _PACKED_SHAPES = 4
 
 
@@ -53,14 +55,25 @@ class FusedConv(nn.Module):
         # plain ops whenever a graph is being captured (torch.jit.trace / the TorchScript ONNX exporter,
         # torch.export / the dynamo ONNX exporter, torch.compile): the oneDNN op must not reach a graph
         return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and not _capturing() \
-            and onednn_available()
+            and onednn_available() and not self._tiny(x)
+
+    def _tiny(self, x: Tensor) -> bool:
+        """A 1x1 convolution of under a million multiply-adds: a oneDNN call costs about 40 us on its own on this
+        project's CPU, ATen's matrix product 13-20 us (ShuffleNet V2 0.5x at batch 1 is made of them)."""
+        if self.groups != 1 or tuple(self.weight.shape[2:]) != (1, 1) or x.dim() != 4:
+            return False
+        pixels = x.shape[0] * (x.shape[2] // self.stride[0]) * (x.shape[3] // self.stride[1])
+        return pixels * self.weight.shape[0] * self.weight.shape[1] < _TINY_MACS
 
     def _packed_weight(self, x: Tensor) -> Tensor:
-        """The weight reordered once into oneDNN's blocked layout for inputs of ``x``'s shape (the dense weight
-        is otherwise reordered on every call: at batch 1 that costs up to a third of a late layer's time).
-        Cached per input shape, weight dtype and weight version, so a cast or an in-place change of the weight
-        repacks; the dense weight where oneDNN cannot pack it."""
-        key = (tuple(x.shape), *_weight_key(self.weight))
+        """The weight reordered once into oneDNN's blocked layout (the dense weight is otherwise reordered on
+        every call: at batch 1 that costs up to a third of a late layer's time). The layout oneDNN picks depends
+        on the batch size (a weight packed at batch 1 runs MobileNet v1 at batch 8 at half speed) but not on the
+        spatial size (a detector's head runs one convolution on five levels: measured the same speed as one
+        packed per level), so it is packed per batch size, for the latest few. Cached per weight dtype, storage
+        and version too, so a cast or an in-place change of the weight repacks; the dense weight where oneDNN
+        cannot pack it."""
+        key = (x.shape[0], *_weight_key(self.weight))
         packed = self._packed.get(key)
         if packed is None:
             try:
@@ -68,7 +81,8 @@ class FusedConv(nn.Module):
                     self.weight.detach(), self.padding, self.stride, self.dilation, self.groups, list(x.shape))
             except (RuntimeError, AttributeError):
                 packed = self.weight
-            if len(self._packed) >= _PACKED_SHAPES:  # a detector sees many sizes: keep the latest few
+            self._packed = {k: v for k, v in self._packed.items() if k[1:] == key[1:]}  # drop stale weights
+            if len(self._packed) >= _PACKED_SHAPES:
                 self._packed.pop(next(iter(self._packed)))
             self._packed[key] = packed
         return packed

@@ -203,3 +203,37 @@ def test_export_info_has_the_training_normalisation_of_a_cifar_classifier(tmp_pa
     _, info = load_for_export(_checkpoint(tmp_path, spec, model))
     assert info["mean"] == pytest.approx(mean) and info["std"] == pytest.approx(std)
     assert info["categories"] == spec["categories"]
+
+
+# -- the CPU allocator setting ---------------------------------------------------------------------------------
+
+
+def test_keep_freed_memory_in_a_fresh_process():
+    """On Linux with glibc the setting takes (and a second call changes nothing); elsewhere it says False. Run in a
+    child process: the setting is the process's."""
+    import subprocess
+
+    code = ("import sys; from vertebra.devices import keep_freed_memory as k; a = k(); b = k(); "
+            "import torch; x = torch.ones(1 << 20); del x; y = torch.zeros(1 << 20); print(a); "
+            "sys.exit(0 if a == b and float(y.sum()) == 0 else 1)")
+    probe = "import ctypes.util, sys; print(sys.platform.startswith('linux') and bool(ctypes.util.find_library('c')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    glibc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "True"
+    if glibc and sys.platform.startswith("linux"):
+        assert out.stdout.strip() == "True"
+
+
+def test_keep_freed_memory_without_mallopt(monkeypatch):
+    """A libc without mallopt (musl): False, no error."""
+    import ctypes
+
+    from vertebra import devices
+
+    monkeypatch.setattr(devices, "_kept", None)
+    monkeypatch.setattr(devices.sys, "platform", "linux")
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: types.SimpleNamespace())
+    assert devices.keep_freed_memory() is False
+    monkeypatch.setattr(devices, "_kept", None)
+    monkeypatch.setattr(devices.sys, "platform", "darwin")
+    assert devices.keep_freed_memory() is False

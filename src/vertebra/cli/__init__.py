@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             check(args)
         except UsageError as e:  # the sub-command's own usage line, as argparse words a bad value
             getattr(args, "_parser", parser).error(f"argument {e.flag}: {e}")
+    from ..devices import keep_freed_memory
+
+    keep_freed_memory()  # the commands run models: reuse freed memory instead of faulting in fresh pages
     try:
         return int(args.handler(args) or 0)
     except (KeyError, ValueError, FileNotFoundError) as exc:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .._io import DISK_FULL_ERRNOS, RunLock, atomic_write
+from ..devices import keep_freed_memory
 from ..precision import check_dtype
 from . import techniques
 from .checkpoint import (
@@ -136,6 +137,8 @@ class Trainer:
         self.plan = BatchPlan.for_run(cfg, self.world_size, st and st.global_batch, st and st.world_size)
         if cfg.threads is not None:
             torch.set_num_threads(int(cfg.threads))
+        if self.device.type == "cpu":
+            keep_freed_memory()  # each step's tensors reuse freed memory instead of faulting in fresh pages
         self.main = is_main_process()
         if ck is None:  # a new run never writes over another: every process looks before rank 0 writes anything
             run_dir = fresh_run_dir(cfg)

@@ -13,8 +13,11 @@ Measured, per input size (default 800x800 and 512x512, one image for inference, 
 vertebra runs twice: as built (its frozen BN is folded into the convolutions on the fly), and
 optimised: for inference ``vertebra.optimize_for_inference(model)`` (frozen BN folded for good,
 channels_last, every conv + ReLU of the backbone and of the head towers and every residual add + ReLU
-as one oneDNN call), for training ``model.to(memory_format=torch.channels_last)``. The ratio is
-vertebra / torchvision (lower is better).
+as one oneDNN call, the 3x3 convolutions that are faster as Winograd ones as such), for training
+``model.to(memory_format=torch.channels_last)`` with the forward in the engine's context
+(``layers.gemm_conv.weight_bound_convs``: weight-bound convolutions as one GEMM), what ``vertebra train``
+runs. ``--no-winograd`` adds a column: the optimised model with ``winograd=False`` (what the Winograd
+convolutions gain). The ratio is vertebra / torchvision (lower is better).
 Timings alternate between the models and report the median of ``--reps`` runs.
 
 ``--bf16`` adds two rows and a check: both networks with bfloat16 weights and activations (torchvision's
@@ -26,12 +29,13 @@ init scores every anchor 0.01, below the threshold).
 
 Results: benchmarks/RESULTS.md, section retinanet_vs_torchvision.
 
-    python benchmarks/retinanet_vs_torchvision.py [--sizes 800 512] [--reps 5] [--threads N] [--bf16]
+    python benchmarks/retinanet_vs_torchvision.py [--sizes 800 512] [--reps 5] [--threads N] [--bf16] [--no-winograd]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import time
@@ -43,6 +47,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from vertebra.detection import create_detector
 from vertebra.inference import optimize_for_inference
+from vertebra.layers.gemm_conv import weight_bound_convs
 from vertebra.weights import load_reference_weights
 
 
@@ -139,10 +144,11 @@ def bf16_agreement(size: int) -> dict:
     return detection_agreement(ref, low)
 
 
-def bench_size(size: int, reps: int, train_reps: int, bf16: bool = False) -> list:
+def bench_size(size: int, reps: int, train_reps: int, bf16: bool = False, no_winograd: bool = False) -> list:
     rows = []
     tv, vt = build(size)
     vf = optimize_for_inference(vt)
+    direct = {"vertebra optimized, no winograd": optimize_for_inference(vt, winograd=False)} if no_winograd else {}
     tv.eval(), vt.eval()
     g = torch.Generator().manual_seed(size)
     img = [torch.rand(3, size, size, generator=g)]
@@ -155,7 +161,8 @@ def bench_size(size: int, reps: int, train_reps: int, bf16: bool = False) -> lis
             return tv.head(list(tv.backbone(x).values()))
 
         res = bench_pair({"torchvision": tv_net, "vertebra": lambda: vt.net(x),
-                          "vertebra optimized": lambda: vf.net(x)}, reps)
+                          "vertebra optimized": lambda: vf.net(x),
+                          **{k: (lambda m=m: m.net(x)) for k, m in direct.items()}}, reps)
         rows.append((size, "inference: network", res))
         if bf16:
             # both networks in bfloat16 (weights and activations; torchvision's cast with .to()), and
@@ -195,7 +202,8 @@ def bench_size(size: int, reps: int, train_reps: int, bf16: bool = False) -> lis
         res = bench_pair({"torchvision": tv_post, "vertebra": vt_post}, reps)
         rows.append((size, "inference: postprocess", res))
         res = bench_pair({"torchvision": lambda: tv(img), "vertebra": lambda: vt(img),
-                          "vertebra optimized": lambda: vf(img)}, reps)
+                          "vertebra optimized": lambda: vf(img),
+                          **{k: (lambda m=m: m(img)) for k, m in direct.items()}}, reps)
         rows.append((size, "inference: end-to-end", res))
 
     # one training step, 2 images with 3 boxes each
@@ -207,9 +215,10 @@ def bench_size(size: int, reps: int, train_reps: int, bf16: bool = False) -> lis
     opt_tv = torch.optim.SGD([p for p in tv.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
     opt_vt = torch.optim.SGD([p for p in vt.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
 
-    def step(model, opt):
+    def step(model, opt, engine: bool = False):
         def run():
-            losses = model(imgs, targets)
+            with weight_bound_convs("cpu") if engine else contextlib.nullcontext():
+                losses = model(imgs, targets)
             loss = sum(losses.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -219,7 +228,7 @@ def bench_size(size: int, reps: int, train_reps: int, bf16: bool = False) -> lis
     vc = copy.deepcopy(vt).to(memory_format=torch.channels_last)
     opt_vc = torch.optim.SGD([p for p in vc.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
     res = bench_pair({"torchvision": step(tv, opt_tv), "vertebra": step(vt, opt_vt),
-                      "vertebra channels_last": step(vc, opt_vc)}, train_reps)
+                      "vertebra channels_last": step(vc, opt_vc, engine=True)}, train_reps)
     rows.append((size, "training step (2 images)", res))
     return rows
 
@@ -233,6 +242,8 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true",
                     help="also time both networks in bfloat16, and vertebra's bf16 end-to-end against torchvision's "
                          "float32; prints how many of vertebra's float32 detections its bf16 run keeps")
+    ap.add_argument("--no-winograd", action="store_true",
+                    help="also time the optimised model with winograd=False (the direct convolutions alone)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall: elapsed time; cpu: CPU time of the process (steadier on a shared machine)")
     args = ap.parse_args()
@@ -244,10 +255,10 @@ def main() -> None:
     print(f"\n{'size':>5}  {'what':<26} {'torchvision ms':>15} {'vertebra ms':>12} {'ratio':>6}"
           f"  {'vertebra, optimised':<24} {'ms':>9} {'ratio':>6}", flush=True)
     for size in args.sizes:
-        for _, what, res in bench_size(size, args.reps, args.train_reps, args.bf16):
+        for _, what, res in bench_size(size, args.reps, args.train_reps, args.bf16, args.no_winograd):
             t, v = res["torchvision"] * 1e3, res["vertebra"] * 1e3
             line = f"{size:>5}  {what:<26} {t:>15.1f} {v:>12.1f} {v / t:>6.2f}"
-            for k in ("vertebra optimized", "vertebra channels_last"):
+            for k in ("vertebra optimized", "vertebra optimized, no winograd", "vertebra channels_last"):
                 if k in res:
                     f = res[k] * 1e3
                     line += f"  {k[9:]:<24} {f:>9.1f} {f / t:>6.2f}"

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .layers.conv_bn import fold_batchnorm
-from .layers.fused import fuse_conv_act
+from .layers.fused import WINOGRAD_MODES, fuse_conv_act, set_winograd
 
 __all__ = ["optimize_for_inference", "prefers_channels_last", "prepare_module"]
 
@@ -126,7 +126,8 @@ def prepare_module(m: nn.Module, dtype: torch.dtype | None = None, channels_last
 def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_last: bool | str = True,
                            fuse: bool = True, compile: bool = False, inplace: bool = False,
                            example: torch.Tensor | None = None, dtype: torch.dtype | None = None,
-                           backend: str = "torch", threads: int | None = None, size: int | None = None) -> nn.Module:
+                           backend: str = "torch", threads: int | None = None, size: int | None = None,
+                           winograd: bool | str = True) -> nn.Module:
     """A copy of ``model`` (in eval mode) made for inference; outputs equal the eager model's within float rounding.
 
     - ``fold_bn``: every BatchNorm (also a frozen one) that follows a convolution is folded into it
@@ -135,6 +136,11 @@ def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_l
       model converts its input to the chosen layout;
     - ``fuse`` (with ``fold_bn``): convolution + ReLU and the residual tails add + ReLU run as
       single oneDNN calls on CPU (``layers.fused``; plain ops elsewhere and while exporting);
+    - ``winograd`` (with ``fuse``, float32 on CPU): a 3x3 stride-1 convolution runs as a Winograd convolution where
+      that is faster for its input shape, timed on the first call of each shape (``layers.winograd``): ``True``
+      F(2x2, 3x3) or F(4x4, 3x3), whichever is fastest (F(4x4)'s float32 rounding is several times the direct
+      convolution's: about 1e-5 of a layer's output scale); ``"precise"`` F(2x2) only (rounding as the direct
+      one's); ``False`` never;
     - ``dtype``: ``torch.bfloat16`` (or ``torch.float16``) runs the network in that precision: the
       weights are cast (after folding), the input is cast on the way in and the output comes back
       as float32; a detector casts inside its network and postprocesses in float32 (anchors, box
@@ -163,6 +169,8 @@ def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_l
             return OnnxRuntimeDetector(m, size, threads=threads)
         return OnnxRuntimeModule(m, example, threads=threads)
     compile = compile or backend == "compile"
+    if winograd not in WINOGRAD_MODES:
+        raise ValueError(f"winograd must be True, 'precise' or False, got {winograd!r}")
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
     if dtype is not None:
@@ -182,6 +190,7 @@ def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_l
         m.prepare_inference(dtype, nhwc, fold_bn=fold_bn, fuse=fuse)
     else:
         prepare_module(m, dtype, nhwc, fold_bn=fold_bn, fuse=fuse)
+    set_winograd(m, winograd)
     if compile:
         m = torch.compile(m)
     return m

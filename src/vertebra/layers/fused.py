@@ -2,9 +2,10 @@
 
 After BatchNorm is folded into a convolution (``fold_batchnorm``), ``conv -> relu`` and
 ``relu(conv(x) + shortcut)`` run as a single oneDNN primitive with post-ops, which saves a
-full pass over the activation memory per layer. Used only by the inference path
-(``vertebra.inference.optimize_for_inference``) and only on CPU; elsewhere (CUDA, export, a
-build without oneDNN) the same module falls back to the plain ops with identical results.
+full pass over the activation memory per layer. A float32 3x3 stride-1 convolution may run as a Winograd
+convolution instead (:mod:`.winograd`), where that is faster for its input shape (timed once per shape).
+Used only by the inference path (``vertebra.inference.optimize_for_inference``) and only on CPU; elsewhere
+(CUDA, export, a build without oneDNN) the same module falls back to the plain ops with identical results.
 """
 
 from __future__ import annotations
@@ -13,10 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .winograd import TILES, WinogradConv, choose, winograd_conv, winograd_eligible
+
 #: below this many multiply-adds a 1x1 convolution runs as ATen's call (see FusedConv._tiny)
 _TINY_MACS = 1_000_000
 #: batch sizes a FusedConv / FusedLinear keeps a packed weight for
 _PACKED_SHAPES = 4
+#: Winograd is tried for a 3x3 convolution of at least this many C_in x C_out pairs (below, the transforms cost more
+#: than they save)
+_WINOGRAD_MIN_PAIRS = 64 * 64
+#: what FusedConv.winograd may be: True (F(2x2) or F(4x4), whichever is fastest), "precise" (F(2x2) only: rounding as
+#: the direct convolution's), False (never)
+WINOGRAD_MODES = (True, "precise", False)
 
 
 def _weight_key(w: Tensor) -> tuple:
@@ -49,7 +58,9 @@ class FusedConv(nn.Module):
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size = conv.kernel_size
+        self.winograd: bool | str = True
         self._packed: dict[tuple, Tensor] = {}
+        self._winograd = WinogradConv()
 
     def _onednn(self, x: Tensor) -> bool:
         # plain ops whenever a graph is being captured (torch.jit.trace / the TorchScript ONNX exporter,
@@ -90,13 +101,40 @@ class FusedConv(nn.Module):
     def __getstate__(self):  # copy.deepcopy / pickle: oneDNN's opaque tensors have no storage to copy
         state = dict(self.__dict__)
         state["_packed"] = {}
+        state["_winograd"] = WinogradConv()  # rebuilt from the weight on first use
         return state
+
+    def _tile(self, x: Tensor, other: Tensor | None = None) -> int:
+        """0 (oneDNN's direct convolution) or the Winograd tile size this input shape runs fastest with
+        (:func:`.winograd.choose`, once per shape); 0 for what Winograd does not do (not 3x3 stride 1, not float32,
+        not channels_last, few channels) and with ``winograd=False``."""
+        if not self.winograd or self.in_channels * self.out_channels < _WINOGRAD_MIN_PAIRS \
+                or not winograd_eligible(x, self.weight, self.stride, self.dilation, self.groups) \
+                or not x.is_contiguous(memory_format=torch.channels_last):
+            return 0
+        candidates = {0: lambda: self._direct(x, other)}
+        candidates.update({m: (lambda m=m: self._winograd_call(x, m, other)) for m in TILES})
+        return choose(x, self.out_channels, self.padding, candidates, precise=self.winograd == "precise")
+
+    def _winograd_call(self, x: Tensor, m: int, other: Tensor | None = None) -> Tensor:
+        u = self._winograd.weights(self.weight, _weight_key(self.weight), m)
+        if other is not None:
+            return winograd_conv(x, u, m, self.padding, self.bias, relu=True, residual=other)
+        return winograd_conv(x, u, m, self.padding, self.bias, relu=self.relu)
+
+    def _direct(self, x: Tensor, other: Tensor | None = None) -> Tensor:
+        if other is not None:
+            return torch.ops.mkldnn._convolution_pointwise.binary(
+                x, other.contiguous(memory_format=torch.channels_last), self._packed_weight(x), self.bias,
+                self.padding, self.stride, self.dilation, self.groups, "add", 1.0, "relu", [], "")
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, self._packed_weight(x), self.bias, self.padding, self.stride, self.dilation, self.groups,
+            "relu" if self.relu else "none", [], "")
 
     def forward(self, x: Tensor) -> Tensor:
         if self._onednn(x):
-            return torch.ops.mkldnn._convolution_pointwise(
-                x, self._packed_weight(x), self.bias, self.padding, self.stride, self.dilation, self.groups,
-                "relu" if self.relu else "none", [], "")
+            m = self._tile(x)
+            return self._winograd_call(x, m) if m else self._direct(x)
         y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return F.relu(y) if self.relu else y
 
@@ -123,9 +161,8 @@ class FusedConv(nn.Module):
         if self.relu:
             raise RuntimeError("add_relu needs a convolution without its own ReLU")
         if self._onednn(x) and other.shape[1] == self.weight.shape[0]:
-            return torch.ops.mkldnn._convolution_pointwise.binary(
-                x, other.contiguous(memory_format=torch.channels_last), self._packed_weight(x), self.bias, self.padding,
-                self.stride, self.dilation, self.groups, "add", 1.0, "relu", [], "")
+            m = self._tile(x, other)
+            return self._winograd_call(x, m, other) if m else self._direct(x, other)
         return F.relu(F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
                       + other)
 
@@ -282,4 +319,14 @@ def fuse_conv_act(model: nn.Module) -> nn.Module:
         hook = getattr(module, "fuse_for_inference", None)
         if callable(hook) and not isinstance(module, (FusedConv, FusedLinear, PreActConv)):
             hook()
+    return model
+
+
+def set_winograd(model: nn.Module, mode: bool | str) -> nn.Module:
+    """Every :class:`FusedConv` of ``model`` with ``winograd = mode`` (one of :data:`WINOGRAD_MODES`)."""
+    if mode not in WINOGRAD_MODES:
+        raise ValueError(f"winograd must be True, 'precise' or False, got {mode!r}")
+    for m in model.modules():
+        if isinstance(m, FusedConv):
+            m.winograd = mode
     return model

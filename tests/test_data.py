@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import pickle
 from pathlib import Path
 
@@ -431,6 +432,59 @@ def test_detection_transforms_train_sanitizes_and_flips():
     assert tgt["labels"].tolist() == [1, 3] and tgt["difficult"].tolist() == [False, False]
     s = img.shape[-1] / 200
     assert torch.allclose(tgt["boxes"][0], torch.tensor([200 - 50, 10, 200 - 10, 50]) * s, atol=1e-3)  # flipped
+
+
+def _v2_train_compose(size, *, scale_range, hflip, photometric, min_box_size, max_size=None):
+    """The torchvision v2 Compose DetectionTrainTransform stands for."""
+    from torchvision.transforms import v2
+
+    from vertebra.data.transforms import box_labels_getter
+
+    max_size = max_size or int(math.ceil(size * 1333 / 800))
+    lo, hi = scale_range
+    ops = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    if photometric:
+        ops.append(v2.RandomApply([v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03)], p=0.8))
+    if hflip > 0:
+        ops.append(v2.RandomHorizontalFlip(p=hflip))
+    sizes = sorted({max(1, int(round(size * (lo + (hi - lo) * k / 8)))) for k in range(9)})
+    ops += [v2.RandomShortestSize(min_size=sizes, max_size=int(round(max_size * hi)), antialias=True),
+            v2.ClampBoundingBoxes(),
+            v2.SanitizeBoundingBoxes(min_size=min_box_size, min_area=min_box_size**2, labels_getter=box_labels_getter)]
+    return v2.Compose(ops)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(scale_range=(1.0, 1.0), hflip=0.5, photometric=False, min_box_size=1.0),  # what the presets train with
+    dict(scale_range=(0.75, 1.25), hflip=0.5, photometric=True, min_box_size=2.0),
+    dict(scale_range=(1.0, 1.0), hflip=0.0, photometric=False, min_box_size=1.0),
+])
+def test_detection_train_transform_is_the_v2_compose(kw):
+    """DetectionTrainTransform gives what the torchvision v2 Compose of the same operations gives, sample for
+    sample under the same seed: the same random draws, image, boxes and per-box entries."""
+    ours = detection_transforms(True, 64, **kw)
+    theirs = _v2_train_compose(64, **kw)
+    g = torch.Generator().manual_seed(3)
+    for seed in range(12):
+        h, w = int(torch.randint(40, 120, (), generator=g)), int(torch.randint(40, 120, (), generator=g))
+        img = tv_tensors.Image((torch.rand(3, h, w, generator=g) * 255).to(torch.uint8))
+        xy = torch.rand(6, 2, generator=g) * torch.tensor([w, h])
+        wh = torch.rand(6, 2, generator=g) * 30 + torch.tensor([0.2, 0.2])  # some boxes thin enough to be removed
+        boxes = torch.cat([xy, xy + wh], 1).tolist()
+        tgt = _target(boxes, list(range(6)), h, w)
+        tgt["difficult"] = torch.tensor([False, True] * 3)
+        outs = []
+        for t in (ours, theirs):
+            torch.manual_seed(seed)
+            outs.append(t(img, {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in tgt.items()}))
+        (a_img, a_tgt), (b_img, b_tgt) = outs
+        assert torch.equal(a_img, b_img)
+        assert isinstance(a_tgt["boxes"], tv_tensors.BoundingBoxes) and a_tgt["boxes"].canvas_size == \
+            b_tgt["boxes"].canvas_size
+        assert torch.equal(a_tgt["boxes"], b_tgt["boxes"])
+        for k in ("labels", "difficult"):
+            assert torch.equal(a_tgt[k], b_tgt[k])
+        assert a_tgt["image_id"] == b_tgt["image_id"] and a_tgt["orig_size"] == b_tgt["orig_size"]
 
 
 def test_classification_transforms_sizes():

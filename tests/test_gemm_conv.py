@@ -72,6 +72,12 @@ def test_the_rule():
     assert not weight_bound(torch.empty(8, 512, 9, 9), big, 1, 1)
     assert weight_bound(torch.empty(8, 256, 8, 8), torch.empty(512, 256, 3, 3), 2, 1)
     assert not weight_bound(torch.empty(8, 128, 4, 4), torch.empty(128, 128, 3, 3), 1, 1)  # a small weight
+    # bf16 / fp16 (autocast's dtype): up to 2 x C_out pixels, weights from 2**19 elements
+    assert weight_bound(torch.empty(16, 512, 8, 8), big, 1, 1, dtype=torch.bfloat16)  # 1024 <= 2 x 512
+    assert not weight_bound(torch.empty(16, 512, 8, 8), big, 1, 1)  # in float32 1024 > 512
+    assert not weight_bound(torch.empty(16, 512, 12, 12), big, 1, 1, dtype=torch.bfloat16)
+    assert weight_bound(torch.empty(8, 256, 4, 4), torch.empty(256, 256, 3, 3), 1, 1, dtype=torch.float16)
+    assert not weight_bound(torch.empty(8, 256, 4, 4), torch.empty(256, 256, 3, 3), 1, 1)  # under 2**20 in fp32
     assert not weight_bound(torch.empty(1, 512, 4, 4), big, 1, 1, groups=2)
     assert not weight_bound(torch.empty(1, 512, 4, 4), big, 1, 1, dilation=2)
     assert not weight_bound(torch.empty(1, 512, 4, 4), big, 1, "same")

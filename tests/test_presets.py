@@ -62,7 +62,7 @@ def test_preset_fills_what_was_not_given_and_records_it():
     assert out.preset == "scratch"
     assert out.lr == 5e-4 and "lr" not in out.preset_values  # given: kept
     assert out.optimizer == "adamw" and out.preset_values["optimizer"] == "adamw"
-    assert out.ema == 0.995 and out.channels_last
+    assert out.ema == pytest.approx(0.995**2, abs=1e-6) and out.channels_last  # 0.995 a step at 8 images
     assert out.progressive == [[128, 0.6], [192, 0.8]]  # half and three quarters of the size
     assert out.schedule_on_time and out.epochs == 10_000  # a time budget runs the schedule over the time
     assert out.detector_kwargs["head_convs"] == 3 and out.detector_kwargs["head_norm"] == "gn"
@@ -78,6 +78,16 @@ def test_preset_fills_what_was_not_given_and_records_it():
         assert set(recipe["fields"]) <= fields
     assert apply_preset(TrainConfig(preset="none")).preset_values == {}
     assert explicit_fields(TrainConfig(lr=0.1)) == {"lr"}
+    # the batch and the learning rate per image: the preset's batch 16 at 2.5e-4 an image; a given batch keeps the
+    # rate per image; a given lr is kept whatever the batch
+    assert (out.batch, out.preset_values["batch"]) == (16, 16)
+    plain = apply_preset(TrainConfig(preset="scratch"))
+    assert plain.batch == 16 and plain.lr == pytest.approx(4e-3) == plain.preset_values["lr"]
+    given = apply_preset(TrainConfig(preset="scratch", batch=4))
+    assert given.batch == 4 and given.lr == pytest.approx(1e-3) and "batch" not in given.preset_values
+    tuned = apply_preset(TrainConfig(preset="finetune", pretrained="default"))
+    assert (tuned.batch, tuned.lr, tuned.ema) == (8, pytest.approx(5e-4), pytest.approx(0.995))
+    assert apply_preset(TrainConfig(preset="scratch", ema=0.9)).ema == 0.9  # given: kept
 
 
 def test_cli_preset_flags_override_and_config_json_records(shapes, tmp_path, capsys):
@@ -94,7 +104,9 @@ def test_cli_preset_flags_override_and_config_json_records(shapes, tmp_path, cap
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["preset"] == "scratch" and cfg["init"]["mode"] == "from-scratch"
     assert cfg["optimizer"] == "sgd" and "optimizer" not in cfg["preset_values"]  # --optimizer sgd was given
-    assert cfg["preset_values"]["lr"] == 2e-3 and cfg["ema"] == 0.995
+    # the preset's learning rate per image times the batch given (--batch 4); the preset's batch is not applied
+    assert cfg["preset_values"]["lr"] == pytest.approx(4 * 2.5e-4) and cfg["batch"] == 4
+    assert "batch" not in cfg["preset_values"] and cfg["ema"] == pytest.approx(0.995 ** 0.5, abs=1e-6)
     assert cfg["detector_kwargs"]["fpn_channels"] == 16 and cfg["detector_kwargs"]["head_convs"] == 1
     model = load_checkpoint(out / "last.safetensors").state["model"]  # the fitted anchors rebuild the detector
     assert cfg["anchors"]["anchor_sizes"] and model["detector_kwargs"]["anchor_sizes"] == cfg["anchors"]["anchor_sizes"]

@@ -188,6 +188,11 @@ def _child(spec_path: str) -> int:
                       max_steps=c.steps, epochs=10_000 if c.minutes is not None else 12, eval_every=10**6,
                       eval_every_minutes=every, device=spec.get("device", c.device), out=str(run_dir),
                       exist_ok=True, progress=False, log_every=10)
+    from ..engine.presets import apply_preset, explicit_fields
+
+    # the comparison's batch is its own setting (every backbone the same), even where it equals TrainConfig's
+    # default: the preset fills the rest (its learning rate per image follows this batch)
+    cfg = apply_preset(cfg, explicit=explicit_fields(cfg) | {"batch"})
     from rich.console import Console
 
     t0 = time.perf_counter()

@@ -14,10 +14,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torchvision import tv_tensors
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
-__all__ = ["detection_transforms", "classification_transforms", "weights_transforms", "box_labels_getter",
-           "PER_BOX_KEYS"]
+__all__ = ["DetectionTrainTransform", "detection_transforms", "classification_transforms", "weights_transforms",
+           "box_labels_getter", "PER_BOX_KEYS"]
 
 # target entries that hold one value per box and must be filtered together with the boxes
 PER_BOX_KEYS = ("labels", "difficult", "iscrowd")
@@ -41,6 +43,53 @@ def _default_max_size(size: int) -> int:
     return int(math.ceil(size * 1333 / 800))
 
 
+class DetectionTrainTransform:
+    """The detection training pipeline, ``t(image, target) -> (image, target)``: the image as float 0..1, a
+    ColorJitter (brightness, contrast, saturation 0.3, hue 0.03; with probability 0.8) when ``photometric``, a
+    horizontal flip with probability ``hflip``, the shorter side resized to one of ``sizes`` (drawn; the longer
+    side at most ``max_size``), boxes clamped to the image and the boxes (and their per-box entries) with a side
+    under ``min_box_size`` px removed.
+
+    The operations, their order and their random draws are those of the ``torchvision.transforms.v2.Compose`` of
+    ``ToImage, ToDtype, RandomApply(ColorJitter), RandomHorizontalFlip, RandomShortestSize, ClampBoundingBoxes,
+    SanitizeBoundingBoxes`` (so a seed gives the same sample), called as v2's functional kernels on the image and
+    the boxes directly: the Compose spends about 0.7 ms per sample flattening and rewrapping the target (a training
+    step at 128 px loads 16 samples in about 160 ms of compute)."""
+
+    def __init__(self, sizes: Sequence[int], max_size: int, *, hflip: float = 0.5, photometric: bool = True,
+                 min_box_size: float = 1.0):
+        self.sizes, self.max_size = [int(s) for s in sizes], int(max_size)
+        self.hflip, self.min_box_size = float(hflip), float(min_box_size)
+        self.jitter = v2.RandomApply([v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03)],
+                                     p=0.8) if photometric else None
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(sizes={self.sizes}, max_size={self.max_size}, hflip={self.hflip}, "
+                f"photometric={self.jitter is not None}, min_box_size={self.min_box_size})")
+
+    def __call__(self, image, target: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        img = TF.to_dtype(TF.to_image(image), torch.float32, scale=True)
+        boxes = target["boxes"]
+        if self.jitter is not None:
+            img = self.jitter(img)
+        if self.hflip > 0 and not torch.rand(1) >= self.hflip:  # RandomHorizontalFlip's draw
+            img, boxes = TF.horizontal_flip(img), TF.horizontal_flip(boxes)
+        h, w = img.shape[-2:]
+        short = self.sizes[int(torch.randint(len(self.sizes), ()))]  # RandomShortestSize's draw and rule
+        r = min(short / min(h, w), self.max_size / max(h, w))
+        new = (int(h * r), int(w * r))
+        img, boxes = TF.resize(img, list(new), antialias=True), TF.resize(boxes, list(new))
+        boxes = TF.clamp_bounding_boxes(boxes)
+        valid = TF._misc._get_sanitize_bounding_boxes_mask(boxes, format=boxes.format, canvas_size=boxes.canvas_size,
+                                                           min_size=self.min_box_size, min_area=self.min_box_size**2)
+        out = dict(target)
+        out["boxes"] = tv_tensors.wrap(boxes[valid], like=boxes)
+        for k in PER_BOX_KEYS:
+            if k in out:
+                out[k] = out[k][valid]
+        return img, out
+
+
 def detection_transforms(
     train: bool,
     size: int = 512,
@@ -50,37 +99,30 @@ def detection_transforms(
     hflip: float = 0.5,
     photometric: bool = True,
     min_box_size: float = 1.0,
-) -> v2.Compose:
+):
     """Detection pipeline: resize keeping the aspect ratio (shorter side to ``size``, longer side at most
     ``max_size``, default ``size * 1333 / 800``).
 
-    Training adds, in order: a ColorJitter (brightness, contrast, saturation 0.3, hue 0.03; applied with
-    probability 0.8) when ``photometric``, a horizontal flip with probability ``hflip``, scale jitter (the
-    shorter side drawn from 9 sizes spanning ``scale_range`` x ``size``, the cap scaled likewise), box
-    clamping and removal of boxes smaller than ``min_box_size`` px. Evaluation only resizes.
+    Training (:class:`DetectionTrainTransform`) adds, in order: a ColorJitter (brightness, contrast, saturation
+    0.3, hue 0.03; applied with probability 0.8) when ``photometric``, a horizontal flip with probability
+    ``hflip``, scale jitter (the shorter side drawn from 9 sizes spanning ``scale_range`` x ``size``, the cap
+    scaled likewise), box clamping and removal of boxes smaller than ``min_box_size`` px. Evaluation only resizes
+    (a ``v2.Compose``).
     """
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
     max_size = _default_max_size(size) if max_size is None else int(max_size)
     if max_size < size:
         raise ValueError(f"max_size {max_size} < size {size}")
-    ops: list[Any] = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
     if not train:
-        ops.append(v2.Resize(size, max_size=max_size, antialias=True))
-        return v2.Compose(ops)
+        return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                           v2.Resize(size, max_size=max_size, antialias=True)])
     lo, hi = scale_range
     if not 0 < lo <= hi:
         raise ValueError(f"scale_range must be 0 < lo <= hi, got {scale_range}")
-    if photometric:
-        ops.append(v2.RandomApply([v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03)], p=0.8))
-    if hflip > 0:
-        ops.append(v2.RandomHorizontalFlip(p=hflip))
     sizes = sorted({max(1, int(round(size * (lo + (hi - lo) * k / 8)))) for k in range(9)})
-    ops.append(v2.RandomShortestSize(min_size=sizes, max_size=int(round(max_size * hi)), antialias=True))
-    ops.append(v2.ClampBoundingBoxes())
-    ops.append(v2.SanitizeBoundingBoxes(min_size=min_box_size, min_area=min_box_size**2,
-                                        labels_getter=box_labels_getter))
-    return v2.Compose(ops)
+    return DetectionTrainTransform(sizes, int(round(max_size * hi)), hflip=hflip, photometric=photometric,
+                                   min_box_size=min_box_size)
 
 
 def classification_transforms(

@@ -3,6 +3,8 @@
 Each subnet is ``num_convs`` x [3x3 conv (+ GroupNorm with ``norm="gn"``: 32 groups as FCOS / torchvision v2,
 fewer where the channels do not divide by 32: the largest divisor of both), ReLU] and a 3x3 conv to
 ``A * K`` class logits (bias -log((1 - pi) / pi), pi = 0.01) or ``A * 4`` box codes.
+
+Under autocast the GroupNorms compute in float32 (:class:`GroupNorm`), as CUDA's autocast runs ``group_norm``.
 """
 
 from __future__ import annotations
@@ -11,9 +13,22 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["RetinaNetHead"]
+__all__ = ["GroupNorm", "RetinaNetHead"]
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that computes in float32 under autocast and returns autocast's dtype. CUDA's autocast
+    already runs ``group_norm`` in float32; CPU's runs it in bf16, whose channels_last kernels are slow: a head
+    tower's GroupNorm at batch 16, 128 channels, 16 x 16, forward and backward, 3.8 ms in bf16 against 1.1 ms
+    through float32 (casts included). Same parameters and state_dict keys as ``nn.GroupNorm``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(x.device.type):
+            return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
+        return super().forward(x)
 
 
 def _tower(channels: int, num_convs: int, norm: str | None) -> nn.Sequential:
@@ -21,7 +36,7 @@ def _tower(channels: int, num_convs: int, norm: str | None) -> nn.Sequential:
     for _ in range(num_convs):
         layers = [nn.Conv2d(channels, channels, 3, padding=1, bias=norm is None)]
         if norm == "gn":
-            layers.append(nn.GroupNorm(math.gcd(32, channels), channels))
+            layers.append(GroupNorm(math.gcd(32, channels), channels))
         layers.append(nn.ReLU(inplace=True))
         blocks.append(nn.Sequential(*layers))
     return nn.Sequential(*blocks)

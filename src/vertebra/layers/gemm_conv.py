@@ -8,8 +8,13 @@ three products are under 2 ms). Written as ``im2col`` and matrix products, the w
 (a channels_last weight is a ``[C_out, kh * kw * C_in]`` matrix as it stands) and the products run in MKL / oneDNN's
 GEMM: 4.0 ms for that layer.
 
-:func:`weight_bound` is the rule (the im2col matrix no larger than the weight, and a weight of at least 2**20
-elements); :class:`WeightBoundConvs` is a ``TorchFunctionMode`` that sends the 2-D convolutions it admits, and only
+:func:`weight_bound` is the rule, measured on the 2-core AMX Xeon of ``benchmarks/RESULTS.md``: in float32 the
+im2col matrix no larger than the weight (output pixels over the batch <= C_out) and a weight of at least 2**20
+elements; in bf16 / fp16, where the matrix products run on the tile units and oneDNN's small-image convolutions
+do not, up to twice as many pixels and weights from 2**19 elements (ResNet-18's layer4 at 256 px, batch 16:
+16.9 -> 15.3 ms; its stride-2 entry 11.6 -> 8.3 ms). A rule rather than a timing, so that a resumed run makes the
+same choices and continues bit for bit. :class:`WeightBoundConvs` is a ``TorchFunctionMode`` that sends the 2-D
+convolutions it admits, and only
 where autograd records (training), to :class:`GemmConv2d`; every other call runs as it was. The engine enters it
 around the training forward on CPU (:func:`weight_bound_convs`). The results are those of the convolution up to
 float rounding (the same products summed in another order); under autocast the inputs are cast to autocast's dtype
@@ -28,8 +33,9 @@ from torch.overrides import TorchFunctionMode
 
 __all__ = ["GemmConv2d", "WeightBoundConvs", "gemm_conv2d", "weight_bound", "weight_bound_convs"]
 
-#: the smallest weight (elements) whose reorders outweigh a convolution's arithmetic on a few pixels
-_MIN_WEIGHT = 1 << 20
+#: per compute dtype class: (the smallest weight, in elements, whose reorders outweigh a convolution's arithmetic on
+#: a few pixels; the most output pixels over the batch per output channel)
+_RULE = {"float32": (1 << 20, 1), "half": (1 << 19, 2)}
 
 
 def _pair(v) -> tuple[int, int]:
@@ -43,17 +49,21 @@ def _out_size(size: int, k: int, s: int, p: int) -> int:
     return (size + 2 * p - k) // s + 1
 
 
-def weight_bound(x: Tensor, weight: Tensor, stride=1, padding=0, dilation=1, groups: int = 1) -> bool:
-    """Whether a 2-D convolution is better run as one matrix product: ungrouped, undilated, numeric padding, a
-    weight of at least 2**20 elements, and no more output pixels over the batch than output channels (the im2col
-    matrix, pixels x C_in k k, is then no larger than the weight, C_out x C_in k k)."""
+def weight_bound(x: Tensor, weight: Tensor, stride=1, padding=0, dilation=1, groups: int = 1,
+                 dtype: torch.dtype | None = None) -> bool:
+    """Whether a 2-D convolution is better run as one matrix product: ungrouped, undilated, numeric padding, and
+    in float32 (``dtype``, default ``x``'s) a weight of at least 2**20 elements and no more output pixels over the
+    batch than output channels (the im2col matrix, pixels x C_in k k, is then no larger than the weight, C_out x
+    C_in k k); in bf16 / fp16 a weight of at least 2**19 elements and up to 2 x C_out pixels."""
     if groups != 1 or x.dim() != 4 or weight.dim() != 4 or isinstance(padding, str) or _pair(dilation) != (1, 1):
         return False
-    if weight.numel() < _MIN_WEIGHT:
+    dtype = x.dtype if dtype is None else dtype
+    min_weight, per_channel = _RULE["half" if dtype in (torch.bfloat16, torch.float16) else "float32"]
+    if weight.numel() < min_weight:
         return False
     (kh, kw), (sh, sw), (ph, pw) = weight.shape[2:], _pair(stride), _pair(padding)
     ho, wo = _out_size(x.shape[2], kh, sh, ph), _out_size(x.shape[3], kw, sw, pw)
-    return ho > 0 and wo > 0 and x.shape[0] * ho * wo <= weight.shape[0]
+    return ho > 0 and wo > 0 and x.shape[0] * ho * wo <= per_channel * weight.shape[0]
 
 
 def _im2col(x: Tensor, kh: int, kw: int, stride: tuple[int, int], padding: tuple[int, int]) -> tuple[Tensor, int, int]:
@@ -136,9 +146,10 @@ class WeightBoundConvs(TorchFunctionMode):
         if func is torch.conv2d and torch.is_grad_enabled():
             x, weight, bias, stride, padding, dilation, groups = _conv_args(args, kwargs)
             if isinstance(x, Tensor) and isinstance(weight, Tensor) and x.device.type == "cpu" \
-                    and (x.requires_grad or weight.requires_grad) and weight_bound(x, weight, stride, padding,
-                                                                                   dilation, groups):
-                return gemm_conv2d(x, weight, bias, stride, padding)
+                    and (x.requires_grad or weight.requires_grad):
+                dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+                if weight_bound(x, weight, stride, padding, dilation, groups, dtype):
+                    return gemm_conv2d(x, weight, bias, stride, padding)
         return func(*args, **kwargs)
 
 

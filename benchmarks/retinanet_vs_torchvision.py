@@ -15,7 +15,8 @@ optimised: for inference ``vertebra.optimize_for_inference(model)`` (frozen BN f
 channels_last, every conv + ReLU of the backbone and of the head towers and every residual add + ReLU
 as one oneDNN call, the 3x3 convolutions that are faster as Winograd ones as such), for training
 ``model.to(memory_format=torch.channels_last)`` with the forward in the engine's context
-(``layers.gemm_conv.weight_bound_convs``: weight-bound convolutions as one GEMM), what ``vertebra train``
+(``layers.gemm_conv.training_convs``: weight-bound convolutions as one GEMM, the head's float32 3x3 convolutions
+as Winograd ones), what ``vertebra train``
 runs. ``--no-winograd`` adds a column: the optimised model with ``winograd=False`` (what the Winograd
 convolutions gain). The ratio is vertebra / torchvision (lower is better).
 Timings alternate between the models and report the median of ``--reps`` runs.
@@ -47,7 +48,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from vertebra.detection import create_detector
 from vertebra.inference import optimize_for_inference
-from vertebra.layers.gemm_conv import weight_bound_convs
+from vertebra.layers.gemm_conv import training_convs
 from vertebra.weights import load_reference_weights
 
 
@@ -217,7 +218,7 @@ def bench_size(size: int, reps: int, train_reps: int, bf16: bool = False, no_win
 
     def step(model, opt, engine: bool = False):
         def run():
-            with weight_bound_convs("cpu") if engine else contextlib.nullcontext():
+            with training_convs("cpu") if engine else contextlib.nullcontext():
                 losses = model(imgs, targets)
             loss = sum(losses.values())
             opt.zero_grad(set_to_none=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vertebra.layers.gemm_conv import WeightBoundConvs, gemm_conv2d, weight_bound, weight_bound_convs
+from vertebra.layers.gemm_conv import TrainingConvs, gemm_conv2d, training_convs, weight_bound
 
 
 def _inputs(n, ci, h, co, k, dtype=torch.float64, channels_last=True, seed=0):
@@ -43,6 +43,17 @@ def test_forward_and_backward_equal_conv2d(n, ci, h, co, k, stride, padding, bia
     got_grads = torch.autograd.grad(got, [t for t in (x, w, b) if t is not None], g)
     for a, e in zip(got_grads, want_grads):
         assert a.shape == e.shape
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_an_inplace_relu_may_follow():
+    """The output is the Function's own tensor, not a view of it: an in-place ReLU after it (a frozen-BN backbone
+    whose BatchNorm is folded away) is allowed and differentiates as the plain convolution's."""
+    x, w, b = _inputs(2, 8, 5, 6, 3)
+    g = torch.randn(2, 6, 5, 6, dtype=torch.float64)
+    got = torch.autograd.grad(F.relu(gemm_conv2d(x, w, b, 1, 1), inplace=True), (x, w, b), g)
+    want = torch.autograd.grad(F.relu(F.conv2d(x, w, b, 1, 1)), (x, w, b), g)
+    for a, e in zip(got, want):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
@@ -93,15 +104,15 @@ def test_the_mode_routes_admitted_calls_only_where_autograd_records(monkeypatch)
     conv_big = torch.nn.Conv2d(512, 512, 3, padding=1, bias=False)
     conv_small = torch.nn.Conv2d(16, 16, 3, padding=1)
     x = torch.randn(2, 512, 4, 4)
-    with WeightBoundConvs():
+    with TrainingConvs():
         y = conv_big(x)
         conv_small(torch.randn(2, 16, 4, 4))
         with torch.no_grad():
             conv_big(x)
     assert calls == [conv_big.weight.shape]
     torch.testing.assert_close(y, F.conv2d(x, conv_big.weight, None, 1, 1), rtol=1e-4, atol=1e-4)
-    assert isinstance(weight_bound_convs("cpu"), WeightBoundConvs)
-    assert not isinstance(weight_bound_convs("meta"), WeightBoundConvs)
+    assert isinstance(training_convs("cpu"), TrainingConvs)
+    assert not isinstance(training_convs("meta"), TrainingConvs)
 
 
 def test_a_detector_trains_the_same_with_and_without_it():
@@ -119,7 +130,7 @@ def test_a_detector_trains_the_same_with_and_without_it():
 
     def step(mode: bool):
         model.zero_grad()
-        with WeightBoundConvs() if mode else contextlib.nullcontext():
+        with TrainingConvs() if mode else contextlib.nullcontext():
             losses = model(images, targets)
         sum(losses.values()).backward()
         return ({k: float(v.detach()) for k, v in losses.items()},

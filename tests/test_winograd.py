@@ -77,7 +77,7 @@ def _fused(c=64, co=64, relu=True, seed=0):
 def test_fused_conv_decides_once_per_shape_and_within_its_mode(monkeypatch):
     timed = []
 
-    def fake_time(fn, runs=2):  # direct 3, F(2x2) 2, F(4x4) 1 (a Winograd candidate's default argument is m)
+    def fake_time(fn):  # direct 3, F(2x2) 2, F(4x4) 1 (a Winograd candidate's default argument is m)
         timed.append(fn)
         return {None: 3.0, (2,): 2.0, (4,): 1.0}[fn.__defaults__]
 
@@ -91,14 +91,14 @@ def test_fused_conv_decides_once_per_shape_and_within_its_mode(monkeypatch):
     with torch.inference_mode():
         y = fused(x)
         fused(x)
-    assert len(timed) == 3 and calls[-1] == 4  # timed once, then F(4x4) as the fastest
+    assert len(timed) == 9 and calls[-1] == 4  # 3 rounds of 3 candidates, once; then F(4x4) as the fastest
     torch.testing.assert_close(y, F.relu(conv(x)), rtol=1e-4, atol=1e-4)
     monkeypatch.setattr(winograd, "_CHOICES", {})
     timed.clear()
     fused.winograd = "precise"
     with torch.inference_mode():
         fused(x)
-    assert calls[-1] == 2 and len(timed) == 2  # F(4x4) not even timed
+    assert calls[-1] == 2 and len(timed) == 6  # F(4x4) not even timed
     calls.clear()
     fused.winograd = False
     with torch.inference_mode():
@@ -107,10 +107,12 @@ def test_fused_conv_decides_once_per_shape_and_within_its_mode(monkeypatch):
 
 
 def test_fused_conv_keeps_direct_where_winograd_is_not_faster(monkeypatch):
-    monkeypatch.setattr(winograd, "_time", lambda fn, runs=2: 1.0)  # all the same: the direct one stays
+    monkeypatch.setattr(winograd, "_time", lambda fn: 1.0)  # all the same: the direct one stays
     monkeypatch.setattr(winograd, "_CHOICES", {})
     conv, fused = _fused(relu=False)
     x = torch.randn(2, 64, 9, 9).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        fused(x)  # decides (timing every candidate once untimed and three times timed)
     calls = []
     monkeypatch.setattr("vertebra.layers.fused.winograd_conv", lambda *a, **k: calls.append(1))
     with torch.inference_mode():
@@ -122,7 +124,7 @@ def test_fused_conv_keeps_direct_where_winograd_is_not_faster(monkeypatch):
 def test_fused_residual_tail_and_weight_change(monkeypatch, m):
     """``add_relu`` through Winograd, and a changed weight retransformed."""
     monkeypatch.setattr(winograd, "_CHOICES", {})
-    monkeypatch.setattr(winograd, "_time", lambda fn, runs=2: 0.5 if fn.__defaults__ == (m,) else 1.0)
+    monkeypatch.setattr(winograd, "_time", lambda fn: 0.5 if fn.__defaults__ == (m,) else 1.0)
     conv, fused = _fused(relu=False)
     x = torch.randn(2, 64, 10, 10).contiguous(memory_format=torch.channels_last)
     r = torch.randn(2, 64, 10, 10).contiguous(memory_format=torch.channels_last)
@@ -147,3 +149,45 @@ def test_optimize_for_inference_switch():
             torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError):
         set_winograd(model, "yes")
+
+
+# -- training (WinogradConv2d, sent by layers.gemm_conv.TrainingConvs) ---------------------------------------------
+
+
+@pytest.mark.parametrize("padding", [(1, 1), (0, 0), (2, 1)])
+def test_trainable_winograd_equals_conv2d_forward_and_backward(padding):
+    from vertebra.layers.winograd import WinogradConv2d
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, 11, 9, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(12, 16, 3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(12, generator=g, dtype=torch.float64)
+    for t in (x, w, b):
+        t.requires_grad_()
+    got = WinogradConv2d.apply(x, w, b, padding)
+    want = F.conv2d(x, w, b, 1, padding)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    gy = torch.randn_like(want)
+    for a, e in zip(torch.autograd.grad(got, (x, w, b), gy), torch.autograd.grad(want, (x, w, b), gy)):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+def test_training_mode_sends_wide_float32_convolutions_to_winograd(monkeypatch):
+    from vertebra.layers import gemm_conv
+    from vertebra.layers.winograd import WinogradConv2d, winograd_trainable
+
+    conv = torch.nn.Conv2d(128, 128, 3, padding=1)
+    wide = torch.randn(2, 128, 64, 64).contiguous(memory_format=torch.channels_last)  # 8192 output pixels
+    assert winograd_trainable(wide, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups)
+    assert not winograd_trainable(wide[:, :, :32, :32], conv.weight, (1, 1), (1, 1), (1, 1), 1)  # too few pixels
+    assert not winograd_trainable(wide.contiguous(), conv.weight, (1, 1), (1, 1), (1, 1), 1)  # NCHW
+    assert not winograd_trainable(wide[:, :64], torch.empty(64, 64, 3, 3), (1, 1), (1, 1), (1, 1), 1)  # narrow
+    calls = []
+    real = WinogradConv2d.apply
+    monkeypatch.setattr(gemm_conv.WinogradConv2d, "apply", lambda *a: calls.append(1) or real(*a))
+    with gemm_conv.TrainingConvs():
+        y = conv(wide)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            conv(wide)  # bf16: oneDNN's
+    assert len(calls) == 1
+    torch.testing.assert_close(y, F.conv2d(wide, conv.weight, conv.bias, 1, 1), rtol=1e-4, atol=1e-4)

@@ -25,7 +25,7 @@ from ..data.sources import (
     open_detection,
     open_detection_eval,
 )
-from ..layers.gemm_conv import weight_bound_convs
+from ..layers.gemm_conv import training_convs
 from . import techniques
 
 __all__ = ["ModelSpec", "Task", "DetectionTask", "ClassificationTask", "TASKS", "task_for", "default_task"]
@@ -241,7 +241,7 @@ class DetectionTask(Task):
         if all(im.shape == images[0].shape for im in images):
             images = torch.stack(images)
         targets = [_plain_target(t, device) for t in targets]
-        with precision.autocast(device, amp), weight_bound_convs(device):
+        with precision.autocast(device, amp), training_convs(device):
             losses = model(images, targets, size=size)
         return sum(losses.values()), {k: v.detach() for k, v in losses.items()}, len(targets)
 
@@ -383,7 +383,7 @@ class ClassificationTask(Task):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=size < x.shape[-1])
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with precision.autocast(device, amp), weight_bound_convs(device):
+        with precision.autocast(device, amp), training_convs(device):
             out = model(x)
         if isinstance(out, (tuple, list)):
             out = tuple(o.float() for o in out)

@@ -1,4 +1,6 @@
-"""Training-time convolutions whose weight outweighs their activations, as one matrix product each (CPU).
+"""The convolutions of CPU training that oneDNN's direct algorithm runs slowly, routed to faster equivalents: a
+convolution whose weight outweighs its activations as one matrix product (here), and in float32 a wide 3x3
+stride-1 convolution over many pixels as a Winograd F(4x4, 3x3) one (``layers.winograd.WinogradConv2d``).
 
 At a detector's training sizes the last stage of a backbone sees a few pixels through a large weight: ResNet-18's
 layer4 at 128 px input is 4 x 4 pixels per image through 512 x 512 x 3 x 3 weights. oneDNN reorders the weight into
@@ -13,10 +15,10 @@ im2col matrix no larger than the weight (output pixels over the batch <= C_out) 
 elements; in bf16 / fp16, where the matrix products run on the tile units and oneDNN's small-image convolutions
 do not, up to twice as many pixels and weights from 2**19 elements (ResNet-18's layer4 at 256 px, batch 16:
 16.9 -> 15.3 ms; its stride-2 entry 11.6 -> 8.3 ms). A rule rather than a timing, so that a resumed run makes the
-same choices and continues bit for bit. :class:`WeightBoundConvs` is a ``TorchFunctionMode`` that sends the 2-D
-convolutions it admits, and only
+same choices and continues bit for bit. :class:`TrainingConvs` is a ``TorchFunctionMode`` that sends the 2-D
+convolutions these rules admit, and only
 where autograd records (training), to :class:`GemmConv2d`; every other call runs as it was. The engine enters it
-around the training forward on CPU (:func:`weight_bound_convs`). The results are those of the convolution up to
+around the training forward on CPU (:func:`training_convs`). The results are those of the convolution up to
 float rounding (the same products summed in another order); under autocast the inputs are cast to autocast's dtype
 as its convolution would.
 """
@@ -31,7 +33,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["GemmConv2d", "WeightBoundConvs", "gemm_conv2d", "weight_bound", "weight_bound_convs"]
+from .winograd import WinogradConv2d, winograd_trainable
+
+__all__ = ["GemmConv2d", "TrainingConvs", "gemm_conv2d", "training_convs", "weight_bound"]
 
 #: per compute dtype class: (the smallest weight, in elements, whose reorders outweigh a convolution's arithmetic on
 #: a few pixels; the most output pixels over the batch per output channel)
@@ -90,10 +94,18 @@ class GemmConv2d(torch.autograd.Function):
         co, ci, kh, kw = weight.shape
         cols, ho, wo = _im2col(x, kh, kw, stride, padding)
         wmat = weight.permute(0, 2, 3, 1).reshape(co, kh * kw * ci)  # a view of a channels_last weight
-        out = torch.addmm(bias, cols, wmat.t()) if bias is not None else cols @ wmat.t()
+        # the product written into a channels_last tensor that is returned as it is (not a view made here: the
+        # caller may apply an in-place ReLU to it)
+        out = torch.empty((x.shape[0], co, ho, wo), dtype=cols.dtype, device=cols.device,
+                          memory_format=torch.channels_last)
+        rows = out.permute(0, 2, 3, 1).view(-1, co)
+        if bias is not None:
+            torch.addmm(bias, cols, wmat.t(), out=rows)
+        else:
+            torch.mm(cols, wmat.t(), out=rows)
         ctx.save_for_backward(cols, wmat)
         ctx.geometry = (tuple(x.shape), x.dtype, (kh, kw), stride, padding, ho, wo, bias is not None)
-        return out.view(x.shape[0], ho, wo, co).permute(0, 3, 1, 2)
+        return out
 
     @staticmethod
     @once_differentiable
@@ -136,10 +148,11 @@ def _conv_args(args, kwargs):
     return [args[i] if i < len(args) else kwargs.get(n, d) for i, (n, d) in enumerate(zip(names, defaults))]
 
 
-class WeightBoundConvs(TorchFunctionMode):
-    """Within it, a 2-D convolution that :func:`weight_bound` admits and whose result autograd records runs as
-    :func:`gemm_conv2d`; every other call (and every convolution under ``no_grad`` / ``inference_mode``) as it
-    was."""
+class TrainingConvs(TorchFunctionMode):
+    """Within it, a 2-D CPU convolution whose result autograd records runs as :func:`gemm_conv2d` where
+    :func:`weight_bound` admits it (in autocast's dtype), else, in float32, as
+    :class:`~vertebra.layers.winograd.WinogradConv2d` where :func:`~vertebra.layers.winograd.winograd_trainable`
+    admits it; every other call (and every convolution under ``no_grad`` / ``inference_mode``) as it was."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -150,10 +163,12 @@ class WeightBoundConvs(TorchFunctionMode):
                 dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
                 if weight_bound(x, weight, stride, padding, dilation, groups, dtype):
                     return gemm_conv2d(x, weight, bias, stride, padding)
+                if dtype == torch.float32 and winograd_trainable(x, weight, stride, padding, dilation, groups):
+                    return WinogradConv2d.apply(x, weight, bias, _pair(padding))
         return func(*args, **kwargs)
 
 
-def weight_bound_convs(device: str | torch.device):
-    """The context the engine trains in: :class:`WeightBoundConvs` on CPU, nothing elsewhere (cuDNN has no such
-    overhead)."""
-    return WeightBoundConvs() if torch.device(device).type == "cpu" else contextlib.nullcontext()
+def training_convs(device: str | torch.device):
+    """The context the engine trains in: :class:`TrainingConvs` on CPU, nothing elsewhere (cuDNN chooses its own
+    algorithms)."""
+    return TrainingConvs() if torch.device(device).type == "cpu" else contextlib.nullcontext()

@@ -15,7 +15,9 @@ one's (about 1e-5 of the output's scale). :class:`WinogradConv` holds the transf
 :func:`choose` decides per input shape, once, by timing (the choice is kept for the process): the direct
 convolution, F(2x2) or F(4x4) if it is faster by a margin. ``precise=True`` leaves F(4x4) out.
 
-Used by :class:`~vertebra.layers.fused.FusedConv` for its 3x3 stride-1 convolutions (``optimize_for_inference``).
+Used by :class:`~vertebra.layers.fused.FusedConv` for its 3x3 stride-1 convolutions (``optimize_for_inference``),
+and in float32 training on CPU by :class:`WinogradConv2d` (forward and data gradient; ``layers.gemm_conv``'s
+training mode sends it the layers :func:`winograd_trainable` admits).
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-__all__ = ["TILES", "WinogradConv", "choose", "winograd_conv", "winograd_eligible"]
+__all__ = ["TILES", "WinogradConv", "WinogradConv2d", "choose", "transform_weight", "winograd_conv",
+           "winograd_eligible", "winograd_trainable"]
 
 # the transforms (Lavin & Gray, Sec. 4.1 and 4.2): B^T (input), G (filter), A^T (output)
 _BT2 = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
@@ -41,7 +45,9 @@ _AT4 = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1,
 
 #: output tile size m -> (B^T, G, A^T)
 TILES = {2: (_BT2, _G2, _AT2), 4: (_BT4, _G4, _AT4)}
-#: a block of tile rows holds about this many input-transform elements (stays in a core's cache)
+#: a block of tile rows holds about this many input-transform elements (stays in a core's cache), but never fewer
+#: tiles than the layer has output channels: each block reads the whole transformed weight ((m + 2)^2 C_in C_out
+#: elements, 38 MB for 512 channels in F(4x4)), so small blocks of a small, wide layer would be bound by that read
 _BLOCK_ELEMENTS = 1 << 19
 #: a Winograd variant is chosen over the direct convolution only if it is at least this much faster
 _MARGIN = 0.9
@@ -105,7 +111,9 @@ def winograd_conv(x: Tensor, u: Tensor, m: int, padding, bias: Tensor | None = N
     res = None if residual is None else residual.permute(0, 2, 3, 1)
     if res is not None and not exact:
         res = F.pad(res, (0, 0, 0, tw * m - wo, 0, th * m - ho))
-    rows = max(1, min(th, _BLOCK_ELEMENTS // max(1, aa * n * tw * max(c, co))))
+    per_row = n * tw  # tiles in one row of tiles over the batch
+    tiles_wanted = max(co, _BLOCK_ELEMENTS // max(1, aa * max(c, co)))
+    rows = max(1, min(th, -(-tiles_wanted // per_row)))
     bias_row = None
     for r0 in range(0, th, rows):
         tb = min(rows, th - r0)
@@ -155,13 +163,22 @@ class WinogradConv:
 _CHOICES: dict[tuple, int] = {}
 
 
-def _time(fn: Callable[[], Tensor], runs: int = 2) -> float:
-    fn()  # warm: packed weights, allocations
-    best = float("inf")
-    for _ in range(runs):
-        t0 = time.perf_counter()
+def _time(fn: Callable[[], Tensor]) -> float:
+    """Seconds of one call of ``fn``."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _fastest_times(candidates: dict[int, Callable[[], Tensor]], rounds: int = 3) -> dict[int, float]:
+    """The fastest of ``rounds`` timed calls of each candidate, after one untimed call of each (packed weights,
+    transformed weights, allocations); the candidates take turns, so a disturbance falls on all of them alike."""
+    for fn in candidates.values():
         fn()
-        best = min(best, time.perf_counter() - t0)
+    best = dict.fromkeys(candidates, float("inf"))
+    for _ in range(rounds):
+        for k, fn in candidates.items():
+            best[k] = min(best[k], _time(fn))
     return best
 
 
@@ -172,8 +189,71 @@ def choose(x: Tensor, co: int, padding, candidates: dict[int, Callable[[], Tenso
     choice = _CHOICES.get(key)
     if choice is None:
         with torch.inference_mode():
-            times = {k: _time(fn) for k, fn in candidates.items() if not (precise and k == 4)}
+            times = _fastest_times({k: fn for k, fn in candidates.items() if not (precise and k == 4)})
         best = min(times, key=times.get)
         choice = best if best == 0 or times[best] < _MARGIN * times[0] else 0
         _CHOICES[key] = choice
     return choice
+
+
+# -- training ------------------------------------------------------------------------------------------------------
+
+#: the smallest layer (C_in x C_out pairs, output pixels over the batch) whose training convolution runs as F(4x4):
+#: below, the transforms cost more than the products save (forward and backward of a 256-channel layer, float32,
+#: batch 2: 64 x 64 96.6 -> 81.7 ms, 100 x 100 234.8 -> 185.1 ms, but 32 x 32 24.1 -> 24.9 ms)
+_TRAIN_MIN_PAIRS = 128 * 128
+_TRAIN_MIN_PIXELS = 8192
+
+
+def _kron_g(m: int, dtype: torch.dtype, device) -> Tensor:
+    g = torch.tensor(TILES[m][1], dtype=torch.float64)
+    return torch.kron(g, g).to(dtype=dtype, device=device)  # [(m + 2)^2, 9]
+
+
+def transform_weight_fast(weight: Tensor, m: int) -> Tensor:
+    """:func:`transform_weight` in the weight's own dtype as one matrix product (``(G (x) G) vec(w)``): what
+    training recomputes after every optimizer step."""
+    co, ci = weight.shape[:2]
+    u = _kron_g(m, weight.dtype, weight.device) @ weight.detach().reshape(co * ci, 9).t()
+    return u.view((m + 2) ** 2, co, ci).transpose(1, 2).contiguous()
+
+
+def winograd_trainable(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> bool:
+    """A float32 3x3 stride-1 convolution of a channels_last CPU input with at least 128 x 128 channel pairs and
+    8192 output pixels over the batch (a RetinaNet head's towers at 512 px and above, VGG's early 128- and
+    256-channel layers), padding at most 2. A rule, not a timing: a resumed run makes the same choices."""
+    if not winograd_eligible(x, weight, stride, dilation, groups) or isinstance(padding, str):
+        return False
+    ph, pw = (padding, padding) if isinstance(padding, int) else tuple(padding)
+    if not (0 <= ph <= 2 and 0 <= pw <= 2) or weight.shape[0] * weight.shape[1] < _TRAIN_MIN_PAIRS:
+        return False
+    pixels = x.shape[0] * (x.shape[2] + 2 * ph - 2) * (x.shape[3] + 2 * pw - 2)
+    return pixels >= _TRAIN_MIN_PIXELS and x.is_contiguous(memory_format=torch.channels_last)
+
+
+class WinogradConv2d(torch.autograd.Function):
+    """A trainable F(4x4, 3x3) convolution: forward and the data gradient (the convolution of the output gradient
+    with the flipped, transposed weight, padding 2 - p) as :func:`winograd_conv`; the weight and bias gradients as
+    oneDNN's ``convolution_backward``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.padding, ctx.has_bias = padding, bias is not None
+        return winograd_conv(x, transform_weight_fast(weight, 4), 4, padding, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        ph, pw = ctx.padding
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            flipped = weight.flip(2, 3).transpose(0, 1)
+            gx = winograd_conv(grad, transform_weight_fast(flipped, 4), 4, (2 - ph, 2 - pw))
+        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+            _, gw, gb = torch.ops.aten.convolution_backward(
+                grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], [ph, pw], [1, 1], False,
+                [0, 0], 1, [False, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]])
+        return gx, gw, gb, None

@@ -232,7 +232,7 @@ def test_packed_weights_follow_the_weights():
 
     fast = optimize_for_inference(vertebra.create_backbone("resnet18", num_classes=10).eval())
     assert any(isinstance(m, FusedConv) for m in fast.modules()) and isinstance(fast.head.fc, FusedLinear)
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(4, 3, 64, 64)  # 4 rows: the linear layer packs its weight too
     with torch.inference_mode():
         before = fast(x)
     with torch.no_grad():

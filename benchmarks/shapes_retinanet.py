@@ -29,9 +29,11 @@ The measured figures are in ``benchmarks/RESULTS.md`` (section shapes_retinanet)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,7 +44,7 @@ from vertebra.data.sources import DataSource, ensure_shapes
 from vertebra.detection.anchors import scaled_anchor_sizes
 from vertebra.engine.config import TrainConfig
 from vertebra.engine.presets import apply_preset
-from vertebra.engine.train import Trainer
+from vertebra.engine.train import RunExistsError, Trainer
 
 
 def step_breakdown(trainer: Trainer, steps: int) -> int:
@@ -141,9 +143,13 @@ def main(argv=None) -> int:
     print(f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, torch threads "
           f"{args.threads or torch.get_num_threads()}; load average at start {load0[0]:.1f} / {load0[1]:.1f} / "
           f"{load0[2]:.1f}")
-    trainer = Trainer(cfg)
-    if args.breakdown:
-        return step_breakdown(trainer, args.breakdown)
+    if args.breakdown:  # timings only: the run folder is a scratch one, removed after
+        with tempfile.TemporaryDirectory(prefix="shapes-breakdown-") as tmp:
+            return step_breakdown(Trainer(dataclasses.replace(cfg, out=tmp, exist_ok=True)), args.breakdown)
+    try:
+        trainer = Trainer(cfg)
+    except RunExistsError:
+        raise SystemExit(f"error: {args.out} holds a run already: give another --out, or remove it") from None
     full_val = trainer.val_set
     if args.val_limit and full_val is not None:
         import copy

@@ -122,14 +122,21 @@ def test_fused_conv_keeps_direct_where_winograd_is_not_faster(monkeypatch):
 
 @pytest.mark.parametrize("m", [2, 4])
 def test_fused_residual_tail_and_weight_change(monkeypatch, m):
-    """``add_relu`` through Winograd, and a changed weight retransformed."""
+    """``add_relu`` and ``add`` (a pre-activation unit's tail, no ReLU) through Winograd, and a changed weight
+    retransformed."""
     monkeypatch.setattr(winograd, "_CHOICES", {})
     monkeypatch.setattr(winograd, "_time", lambda fn: 0.5 if fn.__defaults__ == (m,) else 1.0)
+    tiles = []
+    real = winograd.winograd_conv
+    monkeypatch.setattr("vertebra.layers.fused.winograd_conv", lambda *a, **k: tiles.append(a[2]) or real(*a, **k))
     conv, fused = _fused(relu=False)
     x = torch.randn(2, 64, 10, 10).contiguous(memory_format=torch.channels_last)
     r = torch.randn(2, 64, 10, 10).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         torch.testing.assert_close(fused.add_relu(x, r), F.relu(conv(x) + r), rtol=1e-4, atol=1e-4)
+        tiles.clear()
+        torch.testing.assert_close(fused.add(x, r), conv(x) + r, rtol=1e-4, atol=1e-4)
+    assert tiles == [m]
     with torch.no_grad():
         fused.weight.mul_(-2)
         conv.weight.mul_(-2)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .layers.conv_bn import fold_batchnorm
-from .layers.fused import WINOGRAD_MODES, fuse_conv_act, set_winograd
+from .layers.fused import check_winograd_mode, fuse_conv_act, set_winograd
 
 __all__ = ["optimize_for_inference", "prefers_channels_last", "prepare_module"]
 
@@ -169,8 +169,7 @@ def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_l
             return OnnxRuntimeDetector(m, size, threads=threads)
         return OnnxRuntimeModule(m, example, threads=threads)
     compile = compile or backend == "compile"
-    if winograd not in WINOGRAD_MODES:
-        raise ValueError(f"winograd must be True, 'precise' or False, got {winograd!r}")
+    check_winograd_mode(winograd)  # before the copy and the folding
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
     if dtype is not None:

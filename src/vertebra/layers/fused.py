@@ -30,6 +30,12 @@ _WINOGRAD_MIN_PAIRS = 64 * 64
 WINOGRAD_MODES = (True, "precise", False)
 
 
+def check_winograd_mode(mode) -> None:
+    """ValueError unless ``mode`` is one of :data:`WINOGRAD_MODES`."""
+    if mode not in WINOGRAD_MODES:
+        raise ValueError(f"winograd must be True, 'precise' or False, got {mode!r}")
+
+
 def _weight_key(w: Tensor) -> tuple:
     """What a packed copy of ``w`` depends on: its dtype, storage and version (an inference tensor, made under
     ``torch.inference_mode``, has no version counter and cannot be changed in place outside it)."""
@@ -106,7 +112,13 @@ class FusedConv(nn.Module):
         state["_winograd"] = WinogradConv()  # rebuilt from the weight on first use
         return state
 
-    def _tile(self, x: Tensor, other: Tensor | None = None) -> int:
+    def _call(self, x: Tensor, other: Tensor | None, relu: bool) -> Tensor:
+        """``conv(x) (+ other) (then ReLU)`` in one call on the oneDNN path: as a Winograd convolution where
+        :meth:`_tile` chose one for this input shape, else oneDNN's direct one with its post-ops."""
+        m = self._tile(x, other, relu)
+        return self._winograd_call(x, m, other, relu) if m else self._direct(x, other, relu)
+
+    def _tile(self, x: Tensor, other: Tensor | None, relu: bool) -> int:
         """0 (oneDNN's direct convolution) or the Winograd tile size this input shape runs fastest with
         (:func:`.winograd.choose`, once per shape); 0 for what Winograd does not do (not 3x3 stride 1, not float32,
         not channels_last, few channels) and with ``winograd=False``."""
@@ -114,29 +126,27 @@ class FusedConv(nn.Module):
                 or not winograd_eligible(x, self.weight, self.stride, self.dilation, self.groups) \
                 or not x.is_contiguous(memory_format=torch.channels_last):
             return 0
-        candidates = {0: lambda: self._direct(x, other)}
-        candidates.update({m: (lambda m=m: self._winograd_call(x, m, other)) for m in TILES})
+        candidates = {0: lambda: self._direct(x, other, relu)}
+        candidates.update({m: (lambda m=m: self._winograd_call(x, m, other, relu)) for m in TILES})
         return choose(x, self.out_channels, self.padding, candidates, precise=self.winograd == "precise")
 
-    def _winograd_call(self, x: Tensor, m: int, other: Tensor | None = None) -> Tensor:
+    def _winograd_call(self, x: Tensor, m: int, other: Tensor | None, relu: bool) -> Tensor:
         u = self._winograd.weights(self.weight, _weight_key(self.weight), m)
-        if other is not None:
-            return winograd_conv(x, u, m, self.padding, self.bias, relu=True, residual=other)
-        return winograd_conv(x, u, m, self.padding, self.bias, relu=self.relu)
+        return winograd_conv(x, u, m, self.padding, self.bias, relu=relu, residual=other)
 
-    def _direct(self, x: Tensor, other: Tensor | None = None) -> Tensor:
+    def _direct(self, x: Tensor, other: Tensor | None, relu: bool) -> Tensor:
         if other is not None:
+            unary, algorithm = ("relu", "") if relu else (None, None)
             return torch.ops.mkldnn._convolution_pointwise.binary(
                 x, other.contiguous(memory_format=torch.channels_last), self._packed_weight(x), self.bias,
-                self.padding, self.stride, self.dilation, self.groups, "add", 1.0, "relu", [], "")
+                self.padding, self.stride, self.dilation, self.groups, "add", 1.0, unary, [], algorithm)
         return torch.ops.mkldnn._convolution_pointwise(
             x, self._packed_weight(x), self.bias, self.padding, self.stride, self.dilation, self.groups,
-            "relu" if self.relu else "none", [], "")
+            "relu" if relu else "none", [], "")
 
     def forward(self, x: Tensor) -> Tensor:
         if self._onednn(x):
-            m = self._tile(x)
-            return self._winograd_call(x, m) if m else self._direct(x)
+            return self._call(x, None, self.relu)
         y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return F.relu(y) if self.relu else y
 
@@ -163,13 +173,7 @@ class FusedConv(nn.Module):
         if self.relu:
             raise RuntimeError("add needs a convolution without its own ReLU")
         if self._onednn(x) and other.shape[1] == self.weight.shape[0]:
-            m = self._tile(x)
-            if m:
-                return winograd_conv(x, self._winograd.weights(self.weight, _weight_key(self.weight), m), m,
-                                     self.padding, self.bias, residual=other)
-            return torch.ops.mkldnn._convolution_pointwise.binary(
-                x, other.contiguous(memory_format=torch.channels_last), self._packed_weight(x), self.bias,
-                self.padding, self.stride, self.dilation, self.groups, "add", 1.0, None, [], None)
+            return self._call(x, other, relu=False)
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups) + other
 
     def add_relu(self, x: Tensor, other: Tensor) -> Tensor:
@@ -177,8 +181,7 @@ class FusedConv(nn.Module):
         if self.relu:
             raise RuntimeError("add_relu needs a convolution without its own ReLU")
         if self._onednn(x) and other.shape[1] == self.weight.shape[0]:
-            m = self._tile(x, other)
-            return self._winograd_call(x, m, other) if m else self._direct(x, other)
+            return self._call(x, other, relu=True)
         return F.relu(F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
                       + other)
 
@@ -189,10 +192,9 @@ def mkl_packed_linear_available() -> bool:
 
 class FusedLinear(nn.Module):
     """A linear layer whose float32 weight is packed once by MKL for the batch size it is called with, from 4 rows
-    on: AlexNet's three classifier layers at batch 8 take 15.0 ms packed against 25.2 ms plain, at 4 rows 12.3
-    against 17.6; below, where the product is a memory-bound matrix-vector one, the packed call is the slower
-    (1 row: 9.1 against 8.5 ms), so 1-3 rows go to ``F.linear`` as do other dtypes and devices, a graph being
-    captured and a build without MKL."""
+    on, where the packed product is the faster; below, where the product is a memory-bound matrix-vector one, the
+    packed call is the slower (``benchmarks/RESULTS.md``, "engine thresholds"), so 1-3 rows go to ``F.linear`` as
+    do other dtypes and devices, a graph being captured and a build without MKL."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -250,9 +252,9 @@ class PreActConv(nn.Module):
     ``conv'(clamp(x, lo, hi))`` (:func:`fold_preact`): one elementwise pass over the input instead of the
     BatchNorm's and the ReLU's. Build it with :func:`preact_conv`."""
 
-    def __init__(self, lo: Tensor, hi: Tensor, conv: FusedConv) -> None:
+    def __init__(self, clamp: PreActClamp, conv: FusedConv) -> None:
         super().__init__()
-        self.clamp = PreActClamp(lo, hi)
+        self.clamp = clamp
         self.conv = conv
 
     def forward(self, x: Tensor) -> Tensor:
@@ -301,7 +303,7 @@ def fold_preact(bn: nn.Module, convs: list[nn.Module]) -> PreActClamp | None:
 def preact_conv(bn: nn.Module, conv: nn.Module) -> PreActConv | None:
     """``bn -> relu -> conv`` as a :class:`PreActConv`, or None where :func:`fold_preact` says it is not exact."""
     clamp = fold_preact(bn, [conv])
-    return None if clamp is None else PreActConv(clamp.lo.flatten(), clamp.hi.flatten(), conv)
+    return None if clamp is None else PreActConv(clamp, conv)
 
 
 class FusableTail:
@@ -366,8 +368,7 @@ def fuse_conv_act(model: nn.Module) -> nn.Module:
 
 def set_winograd(model: nn.Module, mode: bool | str) -> nn.Module:
     """Every :class:`FusedConv` of ``model`` with ``winograd = mode`` (one of :data:`WINOGRAD_MODES`)."""
-    if mode not in WINOGRAD_MODES:
-        raise ValueError(f"winograd must be True, 'precise' or False, got {mode!r}")
+    check_winograd_mode(mode)
     for m in model.modules():
         if isinstance(m, FusedConv):
             m.winograd = mode

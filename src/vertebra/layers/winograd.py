@@ -6,8 +6,8 @@ convolution's multiply-adds per output pixel drop from 9 C_in to (m + 2)^2 / m^2
 2.25 C_in for F(4x4, 3x3). Over a whole layer the elementwise products become (m + 2)^2 matrix products
 ``[tiles, C_in] @ [C_in, C_out]``, which run at the machine's GEMM speed; the transforms are matrix products with
 the Kronecker products ``B^T (x) B^T`` and ``A^T (x) A^T`` (small, constant). oneDNN computes these layers directly
-(9 C_in per pixel), so where the layer is compute-bound (many channels) this is faster: a RetinaNet head's
-256-channel convolutions at 512 px input run in about half the time.
+(9 C_in per pixel), so where the layer is compute-bound (many channels) this is faster (a RetinaNet head's
+256-channel convolutions: ``benchmarks/RESULTS.md``, retinanet_vs_torchvision).
 
 Rounding: F(2x2, 3x3) uses the points 0, +-1 and is as exact as the direct convolution (measured: its float32 error
 against float64 is below oneDNN's); F(4x4, 3x3) uses 0, +-1, +-2 and its float32 error is several times the direct
@@ -54,15 +54,15 @@ _MARGIN = 0.9
 
 
 class _Transforms:
-    """The Kronecker products of one tile size: ``kb`` [a^2, a^2] (input tile -> transformed tile) and ``ka``
-    [m^2, a^2] (product -> output tile), per dtype."""
+    """The Kronecker products of one tile size: ``kb`` [a^2, a^2] (input tile -> transformed tile), ``ka``
+    [m^2, a^2] (product -> output tile) and ``kg`` [a^2, 9] (3x3 filter -> transformed filter), per dtype."""
 
     def __init__(self, m: int):
-        bt, _, at = (torch.tensor(t, dtype=torch.float64) for t in TILES[m])
+        bt, g, at = (torch.tensor(t, dtype=torch.float64) for t in TILES[m])
         self.m, self.a = m, m + 2
-        self._k = {torch.float64: (torch.kron(bt, bt).contiguous(), torch.kron(at, at).contiguous())}
+        self._k = {torch.float64: tuple(torch.kron(t, t).contiguous() for t in (bt, at, g))}
 
-    def __call__(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def __call__(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         k = self._k.get(dtype)
         if k is None:
             k = self._k[dtype] = tuple(t.to(dtype) for t in self._k[torch.float64])
@@ -72,12 +72,14 @@ class _Transforms:
 _TRANSFORMS = {m: _Transforms(m) for m in TILES}
 
 
-def transform_weight(weight: Tensor, m: int) -> Tensor:
-    """``G w G^T`` of every (C_out, C_in) pair as ``[(m + 2)^2, C_in, C_out]`` in ``weight``'s dtype (computed in
-    float64)."""
-    g = torch.tensor(TILES[m][1], dtype=torch.float64, device=weight.device)
-    u = torch.einsum("ak,oikl,bl->abio", g, weight.detach().double(), g)
-    return u.reshape((m + 2) ** 2, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
+def transform_weight(weight: Tensor, m: int, compute: torch.dtype = torch.float64) -> Tensor:
+    """``G w G^T`` of every (C_out, C_in) pair as ``[(m + 2)^2, C_in, C_out]`` in ``weight``'s dtype: one matrix
+    product ``(G (x) G) vec(w)``, computed in ``compute`` (float64 for the inference path's weights, made once;
+    the weight's own dtype in training, which transforms after every optimizer step)."""
+    co, ci = weight.shape[:2]
+    kg = _TRANSFORMS[m](compute)[2].to(weight.device)
+    u = kg @ weight.detach().to(compute).reshape(co * ci, 9).t()
+    return u.view((m + 2) ** 2, co, ci).transpose(1, 2).to(weight.dtype).contiguous()
 
 
 def winograd_eligible(x: Tensor, weight: Tensor, stride, dilation, groups: int) -> bool:
@@ -94,7 +96,7 @@ def winograd_conv(x: Tensor, u: Tensor, m: int, padding, bias: Tensor | None = N
     weight ``u`` (:func:`transform_weight`) as F(m x m, 3x3), ``+ bias``, ``+ residual``, then ReLU if ``relu``.
     Returns a channels_last tensor."""
     t = _TRANSFORMS[m]
-    kb, ka = t(x.dtype)
+    kb, ka, _ = t(x.dtype)
     a, aa = t.a, t.a * t.a
     n, c, h, w = x.shape
     co = u.shape[2]
@@ -199,23 +201,9 @@ def choose(x: Tensor, co: int, padding, candidates: dict[int, Callable[[], Tenso
 # -- training ------------------------------------------------------------------------------------------------------
 
 #: the smallest layer (C_in x C_out pairs, output pixels over the batch) whose training convolution runs as F(4x4):
-#: below, the transforms cost more than the products save (forward and backward of a 256-channel layer, float32,
-#: batch 2: 64 x 64 96.6 -> 81.7 ms, 100 x 100 234.8 -> 185.1 ms, but 32 x 32 24.1 -> 24.9 ms)
+#: below, the transforms cost more than the products save (``benchmarks/RESULTS.md``, "engine thresholds")
 _TRAIN_MIN_PAIRS = 128 * 128
 _TRAIN_MIN_PIXELS = 8192
-
-
-def _kron_g(m: int, dtype: torch.dtype, device) -> Tensor:
-    g = torch.tensor(TILES[m][1], dtype=torch.float64)
-    return torch.kron(g, g).to(dtype=dtype, device=device)  # [(m + 2)^2, 9]
-
-
-def transform_weight_fast(weight: Tensor, m: int) -> Tensor:
-    """:func:`transform_weight` in the weight's own dtype as one matrix product (``(G (x) G) vec(w)``): what
-    training recomputes after every optimizer step."""
-    co, ci = weight.shape[:2]
-    u = _kron_g(m, weight.dtype, weight.device) @ weight.detach().reshape(co * ci, 9).t()
-    return u.view((m + 2) ** 2, co, ci).transpose(1, 2).contiguous()
 
 
 def winograd_trainable(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> bool:
@@ -240,7 +228,7 @@ class WinogradConv2d(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.padding, ctx.has_bias = padding, bias is not None
-        return winograd_conv(x, transform_weight_fast(weight, 4), 4, padding, bias)
+        return winograd_conv(x, transform_weight(weight, 4, weight.dtype), 4, padding, bias)
 
     @staticmethod
     @once_differentiable
@@ -251,7 +239,7 @@ class WinogradConv2d(torch.autograd.Function):
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             flipped = weight.flip(2, 3).transpose(0, 1)
-            gx = winograd_conv(grad, transform_weight_fast(flipped, 4), 4, (2 - ph, 2 - pw))
+            gx = winograd_conv(grad, transform_weight(flipped, 4, flipped.dtype), 4, (2 - ph, 2 - pw))
         if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
             _, gw, gb = torch.ops.aten.convolution_backward(
                 grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], [ph, pw], [1, 1], False,

@@ -53,8 +53,8 @@ class DetectionTrainTransform:
     The operations, their order and their random draws are those of the ``torchvision.transforms.v2.Compose`` of
     ``ToImage, ToDtype, RandomApply(ColorJitter), RandomHorizontalFlip, RandomShortestSize, ClampBoundingBoxes,
     SanitizeBoundingBoxes`` (so a seed gives the same sample), called as v2's functional kernels on the image and
-    the boxes directly: the Compose spends about 0.7 ms per sample flattening and rewrapping the target (a training
-    step at 128 px loads 16 samples in about 160 ms of compute)."""
+    the boxes directly: the Compose's flattening and rewrapping of the target per sample cost as much as the
+    operations on a small image (``benchmarks/RESULTS.md``, shapes_retinanet 2026-12-07)."""
 
     def __init__(self, sizes: Sequence[int], max_size: int, *, hflip: float = 0.5, photometric: bool = True,
                  min_box_size: float = 1.0):

@@ -21,9 +21,9 @@ __all__ = ["GroupNorm", "RetinaNetHead"]
 
 class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` that computes in float32 under autocast and returns autocast's dtype. CUDA's autocast
-    already runs ``group_norm`` in float32; CPU's runs it in bf16, whose channels_last kernels are slow: a head
-    tower's GroupNorm at batch 16, 128 channels, 16 x 16, forward and backward, 3.8 ms in bf16 against 1.1 ms
-    through float32 (casts included). Same parameters and state_dict keys as ``nn.GroupNorm``."""
+    already runs ``group_norm`` in float32; CPU's runs it in bf16, whose channels_last kernels are slower than
+    the float32 ones with the casts (``benchmarks/RESULTS.md``, shapes_retinanet 2026-12-07). Same parameters and
+    state_dict keys as ``nn.GroupNorm``."""
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(x.device.type):

@@ -9,9 +9,8 @@ detections per image), anchors fitted to the training boxes, batches of 16 image
 the batch: 4e-3 at 16, weight decay 0.05) with 150 warm-up steps then cosine, mixed precision where the device runs
 it (bf16 on a CPU with bf16 convolutions, fp16 on CUDA) and channels_last. With a time budget the schedule and
 the resizing run over the time, not the epochs. Batch 16 rather than 8: on a CPU a step at 128 px moves the
-weights, their gradients, the optimizer's moments and the EMA once whatever the batch (about 600 MB for
-ResNet-18's), so 16 images train 1.4x faster per image than 8, and at equal time the shapes set reaches AP50 0.78
-instead of 0.66 in 10 minutes (``benchmarks/RESULTS.md``).
+weights, their gradients, the optimizer's moments and the EMA once whatever the batch, so 16 images train faster
+per image than 8 and reach a higher AP50 in the same time (``benchmarks/RESULTS.md``, shapes_retinanet).
 
 ``finetune``: the same detector and anchors on a backbone that starts from weights (frozen BatchNorm and the
 first stages frozen come with the weights, :func:`~vertebra.engine.tasks.backbone_init`): batches of 8, AdamW at

@@ -10,14 +10,13 @@ three products are under 2 ms). Written as ``im2col`` and matrix products, the w
 (a channels_last weight is a ``[C_out, kh * kw * C_in]`` matrix as it stands) and the products run in MKL / oneDNN's
 GEMM: 4.0 ms for that layer.
 
-:func:`weight_bound` is the rule, measured on the 2-core AMX Xeon of ``benchmarks/RESULTS.md``: in float32 the
-im2col matrix no larger than the weight (output pixels over the batch <= C_out) and a weight of at least 2**20
-elements; in bf16 / fp16, where the matrix products run on the tile units and oneDNN's small-image convolutions
-do not, up to twice as many pixels and weights from 2**19 elements (ResNet-18's layer4 at 256 px, batch 16:
-16.9 -> 15.3 ms; its stride-2 entry 11.6 -> 8.3 ms). A rule rather than a timing, so that a resumed run makes the
-same choices and continues bit for bit. :class:`TrainingConvs` is a ``TorchFunctionMode`` that sends the 2-D
-convolutions these rules admit, and only
-where autograd records (training), to :class:`GemmConv2d`; every other call runs as it was. The engine enters it
+:func:`weight_bound` is the rule (its measurements: ``benchmarks/RESULTS.md``, "engine thresholds"): in float32
+the im2col matrix no larger than the weight (output pixels over the batch <= C_out) and a weight of at least
+2**20 elements; in bf16 / fp16, where the matrix products run on the tile units and oneDNN's small-image
+convolutions do not, up to twice as many pixels and weights from 2**19 elements. A rule rather than a timing,
+so that a resumed run makes the same choices and continues bit for bit. :class:`TrainingConvs` is a
+``TorchFunctionMode`` that sends the 2-D convolutions these rules admit, and only where autograd records
+(training), to :class:`GemmConv2d`; every other call runs as it was. The engine enters it
 around the training forward on CPU (:func:`training_convs`). The results are those of the convolution up to
 float rounding (the same products summed in another order); under autocast the inputs are cast to autocast's dtype
 as its convolution would.
